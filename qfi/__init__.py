@@ -1,0 +1,1 @@
+"""qfi: quantization-aware, bit-level fault injection for PyTorch."""

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine.
+#   bash run.sh          set up .venv, then run the main job (per-bit and per-format sweeps on the embedded ViT)
+#   bash run.sh test     set up .venv, then run the test suite
+set -euo pipefail
+cd "$(dirname "$0")"
+export OMP_WAIT_POLICY=PASSIVE   # default OpenMP spinning makes 2-core machines up to 13x slower under load
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+# torch first, pinned to the local CPU wheel, so pip never resolves a multi-GB CUDA build for the project's floor.
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0"
+fi
+if ! .venv/bin/python -c "import qfi, quant_schemes, pytest, ml_dtypes" 2>/dev/null \
+   || [ pyproject.toml -nt .venv/.qfi-installed ]; then
+    .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
+    touch .venv/.qfi-installed
+fi
+case "${1:-main}" in
+    test)
+        shift || true
+        .venv/bin/python -m pytest -q "$@"
+        ;;
+    main)
+        shift || true
+        .venv/bin/qfi main "$@"
+        ;;
+    *)
+        .venv/bin/qfi "$@"
+        ;;
+esac
