@@ -1,1 +1,31 @@
-"""qfi: quantization-aware, bit-level fault injection for PyTorch."""
+"""qfi: quantization-aware, bit-level fault injection for PyTorch.
+
+>>> with qfi.weights(model, "int8", names="mlp") as w, w.inject(qfi.BitFlip(ber=1e-6), seed=0) as log:
+...     accuracy = evaluate(model)
+"""
+
+from qfi.errors import QfiError
+from qfi.faults import BitFlip, Fault, FlipCount, FlipSites, StuckAt, parse_bits
+from qfi.inject import ActivationSession, WeightSession, activations, weights
+from qfi.log import FaultLog
+from qfi.select import NameFilter, NameInfo, list_names, select_modules, select_weights
+
+__all__ = [
+    "ActivationSession",
+    "BitFlip",
+    "Fault",
+    "FaultLog",
+    "FlipCount",
+    "FlipSites",
+    "NameFilter",
+    "NameInfo",
+    "QfiError",
+    "StuckAt",
+    "WeightSession",
+    "activations",
+    "list_names",
+    "parse_bits",
+    "select_modules",
+    "select_weights",
+    "weights",
+]

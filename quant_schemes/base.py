@@ -88,7 +88,9 @@ def check_float_tensor(x: object, fmt_name: str) -> Tensor:
     return x
 
 
-def gather_scale(scale: Tensor | None, shape: torch.Size | tuple[int, ...], flat_idx: Tensor) -> Tensor | None:
+def gather_scale(
+    scale: Tensor | None, shape: torch.Size | tuple[int, ...], flat_idx: Tensor
+) -> Tensor | None:
     """The scale of each element ``flat_idx`` (indices into a contiguous tensor of ``shape``).
 
     ``scale`` is broadcastable to ``shape``; the result is 1-D (one scale per index) or None.

@@ -1,0 +1,195 @@
+"""The campaign configuration: one frozen dataclass, the single source of truth.
+
+The CLI flags and the keys of a YAML campaign file both become a :class:`CampaignConfig`;
+``__post_init__`` validates every field and names the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from qfi.errors import QfiError
+from quant_schemes import FormatError, get_format
+
+TARGETS = ("weights", "activations")
+
+
+def parse_bers(spec: str | float | list | tuple) -> tuple[float, ...]:
+    """BER list from ``"1e-6"``, ``"1e-7,1e-5"``, decades ``"1e-10:1e-6"`` or ``"1e-8:1e-4:2"``.
+
+    ``a:b`` gives every decade from a to b (both ends included); ``a:b:k`` gives k log-spaced
+    points per decade.
+    """
+    if isinstance(spec, (int, float)):
+        return (float(spec),)
+    if isinstance(spec, (list, tuple)):
+        out: list[float] = []
+        for s in spec:
+            out.extend(parse_bers(s))
+        return tuple(out)
+    text = str(spec).strip()
+    if "," in text:
+        return parse_bers([t for t in text.split(",") if t.strip()])
+    try:
+        if ":" in text:
+            parts = text.split(":")
+            if len(parts) not in (2, 3):
+                raise ValueError
+            lo, hi = float(parts[0]), float(parts[1])
+            per = int(parts[2]) if len(parts) == 3 else 1
+            if lo <= 0 or hi <= 0 or hi < lo or per < 1:
+                raise ValueError
+            a, b = math.log10(lo), math.log10(hi)
+            steps = round((b - a) * per)
+            return tuple(float(f"{10 ** (a + i / per):.6g}") for i in range(steps + 1))
+        return (float(text),)
+    except ValueError:
+        raise QfiError(
+            f"bad BER spec {spec!r}; allowed: a number in [0, 1] ('1e-6'), a list ('1e-7,1e-5'), "
+            "decades 'lo:hi' ('1e-10:1e-6') or 'lo:hi:points_per_decade' ('1e-8:1e-4:2')"
+        ) from None
+
+
+def parse_bits(spec: str | int | list | tuple | None, nbits: int) -> tuple[int, ...]:
+    """Bit positions for one format: ``"none"`` -> ``(-1,)`` (every bit may flip), ``"all"`` -> each
+    position separately, ``"30"``, ``"0:7"`` (inclusive), ``"23,30,31"``."""
+    if spec is None:
+        return (-1,)
+    if isinstance(spec, int):
+        bits: list[int] = [spec]
+    elif isinstance(spec, (list, tuple)):
+        bits = [b for s in spec for b in parse_bits(s, nbits)]
+    else:
+        text = str(spec).strip().lower()
+        if text in ("none", "", "any"):
+            return (-1,)
+        if text == "all":
+            return tuple(range(nbits))
+        bits = []
+        try:
+            for part in text.split(","):
+                if ":" in part:
+                    lo, hi = (int(p) for p in part.split(":"))
+                    bits.extend(range(lo, hi + 1))
+                else:
+                    bits.append(int(part))
+        except ValueError:
+            raise QfiError(
+                f"bad bit spec {spec!r}; allowed: 'none' (any bit), 'all' (each position), "
+                "'30', '0:7' (inclusive range), '23,30,31'"
+            ) from None
+    for b in bits:
+        if b != -1 and not 0 <= b < nbits:
+            raise QfiError(f"bit {b} is outside the format: allowed 0..{nbits - 1} (bit 0 is the LSB)")
+    return tuple(bits)
+
+
+def _tuple(value: Any, kind: str) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(";")) if kind == "names" else tuple(
+            v.strip() for v in value.split(",") if v.strip()
+        )
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return (value,)
+
+
+@dataclass(frozen=True)
+class CampaignConfig:
+    """Formats x name groups x bit positions x (BERs | flip counts) x repetitions.
+
+    ``names`` is a tuple of name groups, each a filter string (``"mlp,ln"``: any name containing
+    ``mlp`` or ``ln``; ``""``: everything).  ``bits`` is ``"none"`` (every bit of a code may flip
+    at the BER), ``"all"`` (one condition per bit position, only that bit flips: the per-bit
+    sweep), or explicit positions ``"30"``, ``"0:7"``, ``"23,30,31"``.  ``flips`` adds conditions
+    with an exact number of flips (at the chosen bit) instead of a rate.
+    """
+
+    model: str = "vit_digits"
+    weights: str | None = None
+    data: str | None = None
+    target: str = "weights"
+    formats: tuple[str, ...] = ("fp32",)
+    ber: tuple[float, ...] = (1e-6,)
+    flips: tuple[int, ...] = ()
+    bits: str = "none"
+    names: tuple[str, ...] = ("",)
+    exclude: str = ""
+    reps: int = 10
+    seed: int = 0
+    batch_size: int = 512
+    limit: int | None = None
+    device: str = "auto"
+    calibrate: int = 256
+    dynamic: bool = False
+    out: str = "qfi-results"
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass normalisation
+        set_("formats", _tuple(self.formats, "formats"))
+        set_("names", _tuple(self.names, "names") or ("",))
+        set_("ber", parse_bers(self.ber) if self.ber not in (None, (), []) else ())
+        set_("flips", tuple(int(f) for f in _tuple(self.flips, "flips")))
+        set_("bits", "none" if self.bits is None else str(self.bits))
+        if self.target not in TARGETS:
+            raise QfiError(f"unknown target {self.target!r}; allowed: {', '.join(TARGETS)}")
+        if not self.formats:
+            raise QfiError("no format given; e.g. formats: [fp32, fp16, bf16, q3.13, int8]")
+        for name in self.formats:
+            try:
+                fmt = get_format(name)
+            except FormatError as e:
+                raise QfiError(str(e)) from None
+            parse_bits(self.bits, fmt.bits)
+        for p in self.ber:
+            if not (0.0 <= p <= 1.0) or math.isnan(p):
+                raise QfiError(f"BER {p!r} is outside [0, 1]")
+        for f in self.flips:
+            if f < 0:
+                raise QfiError(f"flip count {f} is negative; allowed: integers >= 0")
+        if not self.ber and not self.flips:
+            raise QfiError("nothing to sweep: give at least one BER (ber) or flip count (flips)")
+        if self.reps < 1:
+            raise QfiError(f"reps {self.reps} must be >= 1")
+        if self.batch_size < 1:
+            raise QfiError(f"batch_size {self.batch_size} must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise QfiError(f"limit {self.limit} must be >= 1 (or null for the whole dataset)")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CampaignConfig:
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise QfiError(f"unknown campaign key(s) {unknown}; allowed: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path: str) -> CampaignConfig:
+        import yaml
+
+        with open(path) as f:
+            d = yaml.safe_load(f) or {}
+        if not isinstance(d, dict):
+            raise QfiError(f"{path}: a campaign file must be a mapping of keys to values")
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that determine the results (a resumed run must match them)."""
+        d = self.to_dict()
+        d.pop("out")
+        return d

@@ -1,0 +1,270 @@
+"""Fault models (frozen dataclasses) and the sampling of fault sites.
+
+Everything here is pure: integer tensors in, integer tensors out, randomness only from an
+explicit CPU ``torch.Generator``.  Cost is proportional to the number of sites: a BER fault
+draws ``K ~ Binomial(eligible bits, ber)`` and then ``K`` distinct sites, never one random
+number per element or per bit-plane.
+
+A *site* is ``(element, bit)``; bit 0 is the least significant bit of the format's code.
+Sites come back sorted by element, then bit.
+
+``bits`` (BitFlip, FlipCount, StuckAt) restricts the eligible bits of every code:
+
+* ``None``: all bits of the format;
+* an int ``b``: only bit ``b`` (BitFlip then has a per-bit BER: ``K ~ Binomial(N, ber)``);
+* a tuple ``(lo, hi)``: the inclusive range ``lo..hi``;
+* any other collection (list, set, range, tuple of length != 2): exactly those bits;
+* a string: ``"30"``, ``"23-30"`` (range) or ``"0,5,9"`` (set), as a CLI would pass it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from qfi.errors import QfiError
+
+
+def parse_bits(bits: object) -> None | int | tuple[int, int] | frozenset[int]:
+    """Normalise a ``bits`` argument (see the module docstring); QfiError if malformed."""
+    if bits is None or (isinstance(bits, str) and bits.strip().lower() in ("", "all")):
+        return None
+    if isinstance(bits, str):
+        s = bits.replace(" ", "")
+        try:
+            if "," in s:
+                return parse_bits(frozenset(int(b) for b in s.split(",")))
+            for sep in ("..", "-", ":"):
+                if sep in s:
+                    lo, hi = s.split(sep)
+                    return parse_bits((int(lo), int(hi)))
+            return parse_bits(int(s))
+        except ValueError:
+            raise QfiError(f"bits {bits!r}: expected 'all', 'b', 'lo-hi' or 'b1,b2,...'") from None
+    if isinstance(bits, bool):
+        raise QfiError(f"bits must be an int, a (lo, hi) tuple or a set of ints, got {bits!r}")
+    if isinstance(bits, int):
+        if bits < 0:
+            raise QfiError(f"bit {bits} is negative; bits are numbered from 0 (the LSB)")
+        return bits
+    if isinstance(bits, tuple) and len(bits) == 2 and all(isinstance(b, int) for b in bits):
+        lo, hi = bits
+        if not 0 <= lo <= hi:
+            raise QfiError(f"bit range {bits!r} must satisfy 0 <= lo <= hi")
+        return (lo, hi)
+    if isinstance(bits, Iterable):
+        out = frozenset(bits)
+        if not out or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in out):
+            raise QfiError(f"bits {bits!r}: expected a non-empty collection of non-negative ints")
+        return out
+    raise QfiError(f"bits must be an int, a (lo, hi) tuple or a set of ints, got {bits!r}")
+
+
+def resolve_bits(bits: object, nbits: int, fmt_name: str) -> Tensor:
+    """The eligible bits (sorted int64) of a ``nbits``-bit format; QfiError outside 0..nbits-1."""
+    b = parse_bits(bits)
+    if b is None:
+        out = list(range(nbits))
+    elif isinstance(b, int):
+        out = [b]
+    elif isinstance(b, tuple):
+        out = list(range(b[0], b[1] + 1))
+    else:
+        out = sorted(b)
+    bad = [x for x in out if x >= nbits]
+    if bad:
+        raise QfiError(f"bit {bad[0]} is outside format {fmt_name!r}, whose bits are 0..{nbits - 1}")
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def _check_prob(name: str, p: object) -> None:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
+        raise QfiError(f"{name}={p!r} is not a probability: allowed is 0 <= {name} <= 1")
+
+
+def _check_count(count: object) -> None:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise QfiError(f"count={count!r}: allowed is an int >= 0")
+
+
+@dataclass(frozen=True)
+class BitFlip:
+    """Every eligible bit of every selected code flips independently with probability ``ber``
+    (so multi-bit upsets in one word occur at their natural rate)."""
+
+    ber: float = 1e-6
+    bits: object = None
+
+    def __post_init__(self) -> None:
+        _check_prob("ber", self.ber)
+        object.__setattr__(self, "bits", parse_bits(self.bits))
+
+
+@dataclass(frozen=True)
+class FlipCount:
+    """Exactly ``count`` distinct (element, bit) sites flip, uniform over the eligible sites."""
+
+    count: int = 10
+    bits: object = None
+
+    def __post_init__(self) -> None:
+        _check_count(self.count)
+        object.__setattr__(self, "bits", parse_bits(self.bits))
+
+
+@dataclass(frozen=True)
+class FlipSites:
+    """Explicit sites ``(name, flat_index, bit)``.  A site listed twice flips twice: no change."""
+
+    sites: tuple[tuple[str, int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sites", _check_sites(self.sites))
+
+
+@dataclass(frozen=True)
+class StuckAt:
+    """The chosen sites read ``value`` (0 or 1).  Sites come from exactly one of ``ber``,
+    ``count`` or ``sites`` (as in BitFlip, FlipCount, FlipSites).  A site already holding
+    ``value`` changes nothing and is not a row of the FaultLog (whose rows are changed bits);
+    ``FaultLog.sites`` counts every site drawn."""
+
+    value: int = 0
+    ber: float | None = None
+    count: int | None = None
+    bits: object = None
+    sites: tuple[tuple[str, int, int], ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.value not in (0, 1) or isinstance(self.value, bool):
+            raise QfiError(f"StuckAt value={self.value!r}: allowed are 0 and 1")
+        given = [k for k in ("ber", "count", "sites") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise QfiError(f"StuckAt needs exactly one of ber=, count=, sites=; got {given or 'none'}")
+        if self.ber is not None:
+            _check_prob("ber", self.ber)
+        if self.count is not None:
+            _check_count(self.count)
+        if self.sites is not None:
+            object.__setattr__(self, "sites", _check_sites(self.sites))
+        object.__setattr__(self, "bits", parse_bits(self.bits))
+
+
+Fault = BitFlip | FlipCount | FlipSites | StuckAt
+
+
+def _check_sites(sites: object) -> tuple[tuple[str, int, int], ...]:
+    out = []
+    for s in sites:  # type: ignore[attr-defined]
+        try:
+            name, idx, bit = s
+        except (TypeError, ValueError):
+            raise QfiError(f"a site is (name, flat_index, bit), got {s!r}") from None
+        if not isinstance(name, str) or int(idx) < 0 or int(bit) < 0:
+            raise QfiError(f"site {s!r}: expected (str name, flat_index >= 0, bit >= 0)")
+        out.append((name, int(idx), int(bit)))
+    return tuple(out)
+
+
+def make_generator(generator: torch.Generator | None = None, seed: int | None = None) -> torch.Generator:
+    """The CPU generator to sample with: ``generator``, else a fresh one seeded with ``seed``."""
+    if generator is not None and seed is not None:
+        raise QfiError("pass generator= or seed=, not both")
+    if generator is not None:
+        if generator.device.type != "cpu":
+            raise QfiError(f"sites are sampled on the CPU; got a generator on {generator.device}")
+        return generator
+    g = torch.Generator()
+    if seed is not None:
+        g.manual_seed(int(seed))
+    else:
+        g.seed()
+    return g
+
+
+def draw_binomial(n: int, p: float, generator: torch.Generator) -> int:
+    """``K ~ Binomial(n, p)``, deterministic from ``generator``; one draw, any ``n`` up to 2**53."""
+    if n == 0 or p == 0.0:
+        return 0
+    if p == 1.0:
+        return n
+    cnt = torch.tensor(float(n), dtype=torch.float64)
+    return int(torch.binomial(cnt, torch.tensor(float(p), dtype=torch.float64), generator=generator))
+
+
+def sample_distinct(n: int, k: int, generator: torch.Generator) -> Tensor:
+    """``k`` distinct integers uniform in ``[0, n)``, sorted (int64).
+
+    Draws with replacement, keeps the distinct values and redraws only the shortfall; when
+    ``k`` is a large part of ``n`` a random permutation is cheaper and exact.
+    """
+    if k > n:
+        raise QfiError(f"cannot choose {k} distinct sites among {n}")
+    if k == 0:
+        return torch.empty(0, dtype=torch.int64)
+    if 4 * k > n:
+        return torch.randperm(n, generator=generator)[:k].sort().values
+    s = torch.randint(0, n, (k,), generator=generator, dtype=torch.int64).sort().values
+    while True:
+        keep = torch.ones(s.numel(), dtype=torch.bool)
+        keep[1:] = s[1:] != s[:-1]
+        if bool(keep.all()):
+            return s
+        s = s[keep]
+        extra = torch.randint(0, n, (k - s.numel(),), generator=generator, dtype=torch.int64)
+        s = torch.cat([s, extra]).sort().values
+
+
+def sample_sites(fault: object, n_elems: int, eligible: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Sites ``(element, bit)`` of a BitFlip / FlipCount / StuckAt(ber|count) fault over
+    ``n_elems`` codes whose eligible bits are ``eligible``; sorted by element then bit."""
+    nb = eligible.numel()
+    total = n_elems * nb
+    ber = getattr(fault, "ber", None)
+    k = draw_binomial(total, ber, generator) if ber is not None else int(fault.count)  # type: ignore[attr-defined]
+    if k > total:
+        raise QfiError(f"count={k} exceeds the {total} eligible (element, bit) sites")
+    s = sample_distinct(total, k, generator)
+    if nb == 1:
+        return s, eligible.expand(k)
+    return torch.div(s, nb, rounding_mode="floor"), eligible.index_select(0, s.remainder(nb))
+
+
+def word_masks(elem: Tensor, bit: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Group sorted distinct sites by word: ``(words, inverse, mask)`` with ``mask`` the int32
+    bit pattern of each word's sites (bit 31 wraps to the sign, as in the code's int32 view)."""
+    words, inv = torch.unique_consecutive(elem, return_inverse=True)
+    m = torch.zeros(words.numel(), dtype=torch.int64).index_add_(0, inv, torch.ones_like(bit) << bit)
+    return words, inv, to_int32(m)
+
+
+def to_int32(x: Tensor) -> Tensor:
+    """The low 32 bits of int64 values as int32 (two's complement wraparound)."""
+    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
+
+
+def odd_sites(elem: Tensor, bit: Tensor, parity: bool) -> tuple[Tensor, Tensor]:
+    """Sort explicit sites and merge duplicates: with ``parity`` a site kept only if listed an
+    odd number of times (two flips cancel), else kept once (stuck-at is idempotent)."""
+    if elem.numel() == 0:
+        return elem, bit
+    key, counts = torch.unique(elem * 64 + bit, sorted=True, return_counts=True)
+    if parity:
+        key = key[counts % 2 == 1]
+    return torch.div(key, 64, rounding_mode="floor"), key.remainder(64)
+
+
+def apply_mask(codes: Tensor, mask: Tensor, value: int | None) -> Tensor:
+    """Faulty codes: XOR with ``mask`` (value None), else force the mask's bits to ``value``."""
+    if value is None:
+        return codes ^ mask
+    return codes | mask if value == 1 else codes & ~mask
+
+
+__all__ = [
+    "BitFlip", "FlipCount", "FlipSites", "StuckAt", "Fault", "parse_bits", "resolve_bits", "make_generator",
+    "draw_binomial", "sample_distinct", "sample_sites", "word_masks", "to_int32", "odd_sites", "apply_mask",
+]

@@ -1,0 +1,105 @@
+"""PNG plots of campaign summaries (matplotlib, Agg backend, no screen needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROLE_COLOURS = {
+    "sign": "#d62728", "exponent": "#1f77b4", "mantissa": "#2ca02c",
+    "integer": "#9467bd", "fraction": "#17becf", "magnitude": "#ff7f0e",
+}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def bit_role(fmt_name: str, bit: int) -> str:
+    from quant_schemes import get_format
+
+    fmt = get_format(fmt_name)
+    roles = getattr(fmt, "bit_roles", None)
+    if roles is not None:
+        return roles[bit]
+    name = fmt.bit_names[bit]
+    for role in ROLE_COLOURS:
+        if name.startswith(role[:3]):
+            return role
+    return "magnitude"
+
+
+def _err(df: pd.DataFrame) -> np.ndarray:
+    lo = (df["top1_mean"] - df["top1_ci_low"]).fillna(0).clip(lower=0).to_numpy()
+    hi = (df["top1_ci_high"] - df["top1_mean"]).fillna(0).clip(lower=0).to_numpy()
+    return np.vstack([lo, hi])
+
+
+def _cond_label(r: pd.Series) -> str:
+    what = f"BER {r['ber']:g}" if r["fault"] == "ber" else f"{int(r['count'])} flips"
+    names = r["names"] if isinstance(r["names"], str) and r["names"] else "all"
+    return f"{r['target']} [{names}], {what}"
+
+
+def plot_per_bit(per_bit: pd.DataFrame, path: Path) -> Path:
+    """Top-1 accuracy per bit position (bars, 95% CI whiskers, coloured by bit role), one panel per
+    (format, condition); bit 0 (LSB) on the right, as in a bit-layout diagram."""
+    plt = _pyplot()
+    keys = ["format", "target", "names", "fault", "ber", "count"]
+    panels = list(per_bit.groupby(keys, sort=False, dropna=False))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 2.8 * len(panels)), squeeze=False)
+    for ax, (key, df) in zip(axes[:, 0], panels):
+        df = df.sort_values("bit", ascending=False)
+        bits = df["bit"].to_numpy()
+        colours = [ROLE_COLOURS.get(bit_role(key[0], int(b)), "grey") for b in bits]
+        x = np.arange(len(bits))
+        ax.bar(x, df["top1_mean"], color=colours, yerr=_err(df), capsize=2, ecolor="black", linewidth=0)
+        ax.axhline(df["clean_top1"].iloc[0], color="black", ls="--", lw=1, label="clean (quantized)")
+        ax.axhline(df["golden_top1"].iloc[0], color="grey", ls=":", lw=1, label="golden fp32")
+        ax.set_xticks(x, [str(int(b)) for b in bits], fontsize=7)
+        ax.set_ylim(0, 1.02)
+        ax.set_ylabel("top-1")
+        ax.set_title(f"{key[0]}: {_cond_label(df.iloc[0])}", fontsize=10)
+        roles = dict.fromkeys(bit_role(key[0], int(b)) for b in bits)
+        handles = [plt.Rectangle((0, 0), 1, 1, color=ROLE_COLOURS.get(r, "grey")) for r in roles]
+        h2, l2 = ax.get_legend_handles_labels()
+        ax.legend(handles + h2, list(roles) + l2, fontsize=7, loc="lower left", ncol=len(roles) + 2)
+    axes[-1, 0].set_xlabel("bit position (0 = LSB)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_vs_ber(per_format: pd.DataFrame, path: Path) -> Path:
+    """Mean top-1 (95% CI band) against BER on a log axis, one line per format and name group."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for (fmt, target, names), df in per_format.groupby(["format", "target", "names"], sort=False, dropna=False):
+        df = df.sort_values("ber")
+        df = df[df["ber"] > 0]
+        if df.empty:
+            continue
+        label = fmt if per_format["names"].nunique() == 1 else f"{fmt} [{names or 'all'}]"
+        line = ax.plot(df["ber"], df["top1_mean"], marker="o", ms=4, label=label)[0]
+        ax.fill_between(df["ber"], df["top1_ci_low"].fillna(df["top1_mean"]),
+                        df["top1_ci_high"].fillna(df["top1_mean"]), color=line.get_color(), alpha=0.15)
+    ax.axhline(per_format["golden_top1"].iloc[0], color="grey", ls=":", lw=1, label="golden fp32")
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("bit error rate")
+    ax.set_ylabel("top-1 accuracy")
+    ax.set_title(f"{per_format['target'].iloc[0]} faults: accuracy vs BER")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,124 @@
+"""Campaigns on the embedded ViT: deterministic plans, the zero-flip shortcut, resume, exact restore."""
+
+import dataclasses
+
+import pandas as pd
+import pytest
+import torch
+
+from qfi import zoo
+from qfi.campaign import plan, run_campaign
+from qfi.config import CampaignConfig
+from qfi.errors import QfiError
+from qfi.evaluate import Evaluator
+
+LIMIT = 128  # evaluation samples: keeps every campaign here to a few seconds
+
+
+@pytest.fixture(scope="module")
+def model():
+    return zoo.load_model("vit_digits")
+
+
+def _cfg(tmp_path, name, **kw):
+    base = dict(formats=("fp32",), ber=(1e-7,), reps=6, limit=LIMIT, device="cpu", out=str(tmp_path / name))
+    base.update(kw)
+    return CampaignConfig(**base)
+
+
+def _bits(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a, b):
+    return all(torch.equal(a[k].view(torch.int32), b[k].view(torch.int32)) for k in a)
+
+
+def test_plan_is_the_full_product_with_stable_distinct_seeds(tmp_path):
+    """plan() = formats x groups x bits x (rates + counts) x reps, seeds stable across calls and distinct."""
+    cfg = _cfg(tmp_path, "p", formats=("fp32", "int8"), names=("mlp", "ln"), bits="0:1", ber=(1e-6, 1e-5),
+               flips=(3,), reps=2)
+    trials = plan(cfg)
+    assert len(trials) == 2 * 2 * 2 * 3 * 2
+    assert [t.seed for t in trials] == [t.seed for t in plan(cfg)]
+    assert len({t.seed for t in trials}) == len(trials)
+    other = plan(dataclasses.replace(cfg, seed=1))
+    assert all(a.seed != b.seed for a, b in zip(trials, other))
+
+
+def test_zero_flip_shortcut_gives_the_numbers_of_running_the_model(tmp_path, model):
+    """Trials with no flips answered from the clean result equal the same trials actually evaluated."""
+    cfg = _cfg(tmp_path, "short", ber=(1e-7, 1e-6), reps=8)
+    fast = run_campaign(cfg, model=model, progress=False, plots=False)
+    slow = run_campaign(dataclasses.replace(cfg, out=str(tmp_path / "slow")), model=model, progress=False,
+                        plots=False, shortcut=False)
+    cols = [c for c in fast.detail.columns if c != "evaluated"]
+    pd.testing.assert_frame_equal(fast.detail[cols], slow.detail[cols])
+    zero = (fast.detail["flips"] == 0).sum()
+    assert 0 < zero < len(fast.detail)  # the case is really exercised
+    assert fast.evaluations == 2 + (len(fast.detail) - zero)  # golden + clean + trials with flips
+    assert slow.evaluations == 2 + len(slow.detail)
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, model, monkeypatch):
+    """A campaign that dies mid-way and is rerun finishes with identical CSVs, redoing no finished trial."""
+    cfg = _cfg(tmp_path, "whole", formats=("fp32", "int8"), ber=(1e-5, 1e-4), reps=4)
+    whole = run_campaign(cfg, model=model, progress=False, plots=False)
+    before = _bits(model)
+
+    crash = dataclasses.replace(cfg, out=str(tmp_path / "crash"))
+    real_call = Evaluator.__call__
+    calls = {"n": 0}
+
+    def dying(self, m):
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise KeyboardInterrupt
+        return real_call(self, m)
+
+    monkeypatch.setattr(Evaluator, "__call__", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_campaign(crash, model=model, progress=False, plots=False)
+    monkeypatch.setattr(Evaluator, "__call__", real_call)
+    assert _same(before, _bits(model)), "the model must be restored bit-exactly after a crash"
+    done = (tmp_path / "crash" / "detail.csv").read_text().count("\n") - 1
+    assert 0 < done < len(whole.detail)
+    # a kill can also leave half a line behind
+    with open(tmp_path / "crash" / "detail.csv", "a") as f:
+        f.write("fp32,weights,,ber,1e-05,0,-1,any,3,12345,2,0.9")
+    resumed = run_campaign(crash, model=model, progress=False, plots=False)
+    assert resumed.trials_resumed == done
+    assert resumed.trials_run == len(whole.detail) - done
+    for name in ("detail.csv", "summary.csv", "per_format.csv"):
+        assert (tmp_path / "crash" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+def test_a_different_campaign_in_the_same_folder_is_refused(tmp_path, model):
+    """Resuming with changed settings would mix results: refused with a message saying what to do."""
+    cfg = _cfg(tmp_path, "x", reps=1)
+    run_campaign(cfg, model=model, progress=False, plots=False)
+    with pytest.raises(QfiError, match="different campaign.*--fresh"):
+        run_campaign(dataclasses.replace(cfg, ber=(1e-3,)), model=model, progress=False, plots=False)
+    run_campaign(dataclasses.replace(cfg, ber=(1e-3,)), model=model, progress=False, plots=False, fresh=True)
+
+
+def test_campaign_leaves_the_model_bit_identical_and_reports_baselines(tmp_path, model):
+    """After a quantized campaign every weight is bit-identical; golden and clean baselines are reported."""
+    before = _bits(model)
+    res = run_campaign(_cfg(tmp_path, "q", formats=("int8", "bf16"), ber=(1e-3,), reps=3), model=model,
+                       progress=False, plots=False)
+    assert _same(before, _bits(model))
+    s = res.summary.set_index("format")
+    assert s.loc["int8", "golden_top1"] == s.loc["bf16", "golden_top1"] > 0.9
+    assert abs(s.loc["int8", "clean_top1"] - s.loc["int8", "golden_top1"]) < 0.05
+    assert {"top1_ci_low", "top1_ci_high", "sdc_mean", "due_mean", "flips_mean"} <= set(res.summary.columns)
+    assert (res.detail["flips"] > 0).all()  # 1e-3 over ~59k codes always flips something
+
+
+def test_activation_campaign(tmp_path, model):
+    """Activation faults on MLP outputs in fp16 run through the same campaign and produce rows with flips."""
+    res = run_campaign(_cfg(tmp_path, "act", target="activations", formats=("fp16",), names=("mlp",),
+                            ber=(1e-4,), reps=2), model=model, progress=False, plots=False)
+    assert len(res.detail) == 2
+    assert (res.detail["flips"] > 0).all()
+    assert (res.detail["target"] == "activations").all()

@@ -1,0 +1,119 @@
+"""The qfi command line, end to end on the embedded ViT and digits (small reps, few samples)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from qfi.cli import main
+
+FAST = ["--reps", "2", "--limit", "96", "--device", "cpu", "--quiet"]
+
+
+def test_names_lists_torchvision_style_weights(capsys):
+    """`qfi names` lists every weight with shape and size, and filters by words."""
+    assert main(["names"]) == 0
+    out = capsys.readouterr().out
+    assert "encoder.layers.encoder_layer_0.self_attention.in_proj_weight" in out
+    assert "class_token" in out and "heads.head.weight" in out
+    assert main(["names", "--filter", "mlp,ln"]) == 0
+    out = capsys.readouterr().out
+    assert "mlp.0.weight" in out and "ln_1.weight" in out and "in_proj_weight" not in out
+
+
+def test_names_activations(capsys):
+    """`qfi names --target activations` lists modules, MultiheadAttention included."""
+    assert main(["names", "--target", "activations"]) == 0
+    assert "encoder.layers.encoder_layer_0.self_attention" in capsys.readouterr().out
+
+
+def test_bits_writes_per_bit_csv_and_plot(tmp_path, capsys):
+    """`qfi bits` on int8 gives one condition per bit position (8), a per-bit CSV with CIs and a PNG."""
+    out = tmp_path / "bits"
+    assert main(["bits", "--format", "int8", "--ber", "1e-3", "--out", str(out), *FAST]) == 0
+    per_bit = pd.read_csv(out / "per_bit.csv")
+    assert sorted(per_bit["bit"]) == list(range(8))
+    assert set(per_bit["bit_name"]) >= {"sign"}
+    assert {"top1_mean", "top1_ci_low", "top1_ci_high", "trials"} <= set(per_bit.columns)
+    assert (out / "per_bit.png").stat().st_size > 10_000
+    assert (out / "manifest.json").exists() and (out / "detail.csv").exists()
+    assert "16 trials run" in capsys.readouterr().out
+
+
+def test_formats_writes_per_format_csv_and_plot(tmp_path):
+    """`qfi formats` compares formats over BER decades: per-format CSV, accuracy-vs-BER plot."""
+    out = tmp_path / "formats"
+    assert main(["formats", "--formats", "fp32,int8", "--ber", "1e-5:1e-3", "--out", str(out), *FAST]) == 0
+    per = pd.read_csv(out / "per_format.csv")
+    assert set(per["format"]) == {"fp32", "int8"} and sorted(set(per["ber"])) == [1e-5, 1e-4, 1e-3]
+    assert (out / "per_format.png").stat().st_size > 10_000
+
+
+def test_ber_sweep_with_name_filter(tmp_path):
+    """`qfi ber --names mlp,ln` corrupts only MLP and LayerNorm weights over decades."""
+    out = tmp_path / "ber"
+    assert main(["ber", "--ber", "1e-6:1e-4", "--names", "mlp,ln", "--out", str(out), *FAST]) == 0
+    d = pd.read_csv(out / "detail.csv", keep_default_na=False)
+    assert set(d["names"]) == {"mlp,ln"} and len(d) == 6
+
+
+def test_run_yaml(tmp_path):
+    """`qfi run campaign.yaml` builds the same CampaignConfig from the file's keys."""
+    y = tmp_path / "c.yaml"
+    y.write_text(f"formats: [bf16, q3.13]\nber: 1e-4\nreps: 2\nlimit: 64\ndevice: cpu\nout: {tmp_path / 'y'}\n")
+    assert main(["run", str(y), "--quiet"]) == 0
+    assert set(pd.read_csv(tmp_path / "y" / "summary.csv")["format"]) == {"bf16", "q3.13"}
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["bits", "--format", "fp33"], "fp33"),
+        (["formats", "--formats", "fp32,q0.8"], "q0.8"),
+        (["ber", "--ber", "2"], r"BER 2\.0 is outside \[0, 1\]"),
+        (["ber", "--ber", "1e-3:1e-6"], "bad BER spec"),
+        (["bits", "--format", "int8", "--bits", "9"], r"bit 9 is outside the format: allowed 0\.\.7"),
+        (["ber", "--names", "mlpp"], "mlpp"),
+        (["bits", "--target", "neurons"], "neurons"),
+        (["bits", "--model", "vit_digit"], "vit_digit"),
+    ],
+)
+def test_bad_flags_name_the_value(tmp_path, capsys, argv, match):
+    """Bad flags exit with status 2 and a message naming the value and what is allowed."""
+    assert main([*argv, "--out", str(tmp_path / "o"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "error" in err
+    import re
+
+    assert re.search(match, err), err
+
+
+def test_killed_campaign_resumes_to_identical_csvs(tmp_path):
+    """SIGKILL a running `qfi formats`, rerun the same command: same CSVs as an uninterrupted run."""
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    args = ["formats", "--formats", "fp32,bf16", "--ber", "1e-5:1e-3", "--reps", "6", "--limit", "256",
+            "--device", "cpu", "--quiet", "--no-plots"]
+    cmd = [sys.executable, "-m", "qfi.cli"]
+    ref = tmp_path / "ref"
+    subprocess.run([*cmd, *args, "--out", str(ref)], check=True, env=env, capture_output=True)
+    out = tmp_path / "killed"
+    p = subprocess.Popen([*cmd, *args, "--out", str(out)], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    detail = out / "detail.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if detail.exists() and detail.read_text().count("\n") > 8:
+            break
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    rows_at_kill = detail.read_text().count("\n") - 1
+    assert 0 < rows_at_kill < 36, "the kill must land mid-campaign"
+    r = subprocess.run([*cmd, *args, "--out", str(out)], check=True, env=env, capture_output=True, text=True)
+    assert f"{rows_at_kill} resumed" in r.stdout
+    for name in ("detail.csv", "summary.csv", "per_format.csv"):
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
