@@ -19,9 +19,11 @@ Sites come back sorted by element, then bit.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -191,8 +193,12 @@ def draw_binomial(n: int, p: float, generator: torch.Generator) -> int:
         return 0
     if p == 1.0:
         return n
-    cnt = torch.tensor(float(n), dtype=torch.float64)
-    return int(torch.binomial(cnt, torch.tensor(float(p), dtype=torch.float64), generator=generator))
+    return int(torch.binomial(*_binomial_args(n, p), generator=generator))
+
+
+@functools.lru_cache(maxsize=64)
+def _binomial_args(n: int, p: float) -> tuple[Tensor, Tensor]:
+    return torch.tensor(float(n), dtype=torch.float64), torch.tensor(float(p), dtype=torch.float64)
 
 
 def sample_distinct(n: int, k: int, generator: torch.Generator) -> Tensor:
@@ -207,15 +213,29 @@ def sample_distinct(n: int, k: int, generator: torch.Generator) -> Tensor:
         return torch.empty(0, dtype=torch.int64)
     if 4 * k > n:
         return torch.randperm(n, generator=generator)[:k].sort().values
-    s = torch.randint(0, n, (k,), generator=generator, dtype=torch.int64).sort().values
+    s = sort_ints(torch.randint(0, n, (k,), generator=generator, dtype=torch.int64))
     while True:
-        keep = torch.ones(s.numel(), dtype=torch.bool)
-        keep[1:] = s[1:] != s[:-1]
-        if bool(keep.all()):
+        dup = s[1:] == s[:-1]
+        if not bool(dup.any()):
             return s
-        s = s[keep]
+        s = s.masked_select(torch.cat([torch.ones(1, dtype=torch.bool), ~dup]))
         extra = torch.randint(0, n, (k - s.numel(),), generator=generator, dtype=torch.int64)
-        s = torch.cat([s, extra]).sort().values
+        s = merge_sorted(s, sort_ints(extra))
+
+
+def sort_ints(x: Tensor) -> Tensor:
+    """Sorted copy of a 1-D CPU int64 tensor (numpy is several times faster below ~64k values)."""
+    if x.numel() < 65536:
+        return torch.from_numpy(np.sort(x.numpy()))
+    return x.sort().values
+
+
+def merge_sorted(a: Tensor, b: Tensor) -> Tensor:
+    """Merge two sorted 1-D tensors in O(len(a) + len(b)) (no full re-sort)."""
+    pos = torch.searchsorted(a, b, right=True) + torch.arange(b.numel())
+    out = torch.empty(a.numel() + b.numel(), dtype=a.dtype)
+    free = torch.ones(out.numel(), dtype=torch.bool).index_fill_(0, pos, False)
+    return out.index_copy_(0, pos, b).masked_scatter_(free, a)
 
 
 def sample_sites(fault: object, n_elems: int, eligible: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -230,20 +250,29 @@ def sample_sites(fault: object, n_elems: int, eligible: Tensor, generator: torch
     s = sample_distinct(total, k, generator)
     if nb == 1:
         return s, eligible.expand(k)
+    lo = int(eligible[0])
+    if nb & (nb - 1) == 0 and int(eligible[-1]) - lo == nb - 1:  # a power-of-two run of bits
+        shift = nb.bit_length() - 1
+        return s >> shift, (s & (nb - 1)) + lo
     return torch.div(s, nb, rounding_mode="floor"), eligible.index_select(0, s.remainder(nb))
 
 
-def word_masks(elem: Tensor, bit: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def word_masks(elem: Tensor, bit: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
     """Group sorted distinct sites by word: ``(words, inverse, mask)`` with ``mask`` the int32
-    bit pattern of each word's sites (bit 31 wraps to the sign, as in the code's int32 view)."""
+    bit pattern of each word's sites (bit 31 wraps to the sign, as in the code's int32 view).
+    ``inverse`` (site -> word) is None when every site is in its own word."""
+    ones = torch.ones_like(bit) << bit
+    if elem.numel() < 2 or not bool((elem[1:] == elem[:-1]).any()):
+        return elem, None, to_int32(ones)
     words, inv = torch.unique_consecutive(elem, return_inverse=True)
-    m = torch.zeros(words.numel(), dtype=torch.int64).index_add_(0, inv, torch.ones_like(bit) << bit)
+    m = torch.zeros(words.numel(), dtype=torch.int64).index_add_(0, inv, ones)
     return words, inv, to_int32(m)
 
 
 def to_int32(x: Tensor) -> Tensor:
-    """The low 32 bits of int64 values as int32 (two's complement wraparound)."""
-    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
+    """The low 32 bits of non-negative int64 values as int32 (two's complement wraparound;
+    the int64 -> int32 cast truncates, which tests/test_faults.py checks for bit 31)."""
+    return x.to(torch.int32)
 
 
 def odd_sites(elem: Tensor, bit: Tensor, parity: bool) -> tuple[Tensor, Tensor]:

@@ -101,8 +101,13 @@ class _Space:
         self.code_mask = (1 << fmt.bits) - 1
 
     def locate(self, elem: Tensor) -> tuple[Tensor, Tensor]:
-        """(tensor id, flat index within the tensor) of global elements."""
-        tid = torch.searchsorted(self._ends_t, elem, right=True)
+        """(tensor id, flat index within the tensor) of sorted global elements."""
+        if elem.numel() < 64:
+            tid = torch.searchsorted(self._ends_t, elem, right=True)
+        else:  # O(K): mark where each tensor's run of elements begins, then cumsum
+            first = torch.searchsorted(elem, self._ends_t[:-1])
+            marks = torch.zeros(elem.numel() + 1, dtype=torch.int64)
+            tid = marks.index_add_(0, first, torch.ones_like(first))[:-1].cumsum(0)
         return tid, elem - self._starts_t.index_select(0, tid)
 
     def sites(self, fault, g: torch.Generator) -> tuple[Tensor, Tensor, int | None]:
@@ -128,21 +133,27 @@ class _Space:
                          parity=value is None)
         return e, b, value
 
-    def make_log(self, elem: Tensor, bit: Tensor, inv: Tensor, old: Tensor, new: Tensor,
+    def make_log(self, elem: Tensor, bit: Tensor, inv: Tensor | None, old: Tensor, new: Tensor,
                  oldv: Tensor, newv: Tensor, value: int | None) -> FaultLog:
-        """The FaultLog of global sites (elem, bit); see ``log_rows``."""
-        cols = log_rows(elem, bit, inv, old, new, oldv, newv, value, self.code_mask)
-        cols["name_id"], cols["index"] = self.locate(cols["index"])
-        return FaultLog(self.names, cols, self.fmt.name, elem.numel())
+        """The FaultLog of global sites (elem, bit), built lazily; see ``log_rows``."""
+
+        def build() -> dict[str, Tensor]:
+            cols = log_rows(elem, bit, inv, old, new, oldv, newv, value, self.code_mask)
+            cols["name_id"], cols["index"] = self.locate(cols["index"])
+            return cols
+
+        rows = elem.numel() if value is None else None
+        return FaultLog(self.names, None, self.fmt.name, elem.numel(), lazy=build, rows=rows)
 
 
-def log_rows(elem: Tensor, bit: Tensor, inv: Tensor, old: Tensor, new: Tensor, oldv: Tensor,
+def log_rows(elem: Tensor, bit: Tensor, inv: Tensor | None, old: Tensor, new: Tensor, oldv: Tensor,
              newv: Tensor, value: int | None, code_mask: int, call: int = -1) -> dict[str, Tensor]:
     """Log columns for sites (elem, bit) given per-word codes/values (``inv``: site -> word).
     Stuck-at sites whose bit already held the value are dropped: rows are changed bits."""
-    o = (old.cpu().long() & code_mask).index_select(0, inv)
-    n = (new.cpu().long() & code_mask).index_select(0, inv)
-    ov, nv = oldv.cpu().float().index_select(0, inv), newv.cpu().float().index_select(0, inv)
+    o, n = old.cpu().long() & code_mask, new.cpu().long() & code_mask
+    ov, nv = oldv.cpu().float(), newv.cpu().float()
+    if inv is not None:  # one row per site, the word's codes repeated
+        o, n, ov, nv = (c.index_select(0, inv) for c in (o, n, ov, nv))
     if value is not None:
         keep = (((o ^ n) >> bit) & 1).bool()
         elem, bit, o, n, ov, nv = (c[keep] for c in (elem, bit, o, n, ov, nv))
@@ -261,7 +272,10 @@ class WeightSession:
 
     def _apply_sites(self, elem: Tensor, bit: Tensor, value: int | None) -> FaultLog:
         words, inv, mask = word_masks(elem, bit)
-        bounds = torch.searchsorted(words, self._seg_starts).tolist() + [words.numel()]
+        if len(self._segments) == 1:
+            bounds = [0, words.numel()]
+        else:
+            bounds = torch.searchsorted(words, self._seg_starts).tolist() + [words.numel()]
         olds, news, oldvs, newvs, undo = [], [], [], [], []
         with torch.no_grad():
             for k, (start, buf) in enumerate(self._segments):
@@ -270,7 +284,7 @@ class WeightSession:
                     continue
                 dev = buf.device
                 w = words[a:b]
-                idx, m = (w - start).to(dev), mask[a:b].to(dev)
+                idx, m = (w - start if start else w).to(dev), mask[a:b].to(dev)
                 ints = buf.view(_INT_VIEW[buf.dtype])
                 raw = ints.index_select(0, idx)
                 if self._fp32:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -33,16 +33,24 @@ class FaultLog:
     """
 
     def __init__(self, names: Sequence[str], columns: dict[str, Tensor] | None = None,
-                 fmt: str = "", sites: int | None = None) -> None:
+                 fmt: str = "", sites: int | None = None, *,
+                 lazy: Callable[[], dict[str, Tensor]] | None = None, rows: int | None = None) -> None:
         self.names = list(names)
         self._chunks: list[dict[str, Tensor]] = []
-        self._cols = self._check(columns or {})
+        # ``lazy`` builds the columns on first access (a trial that never reads its log does not
+        # pay for it); ``rows`` is then the row count when already known
+        self._lazy, self._rows = lazy, rows
+        self._cols = self._check(columns or {}) if lazy is None else {}
         self.format = fmt
         self.sites = self.flips if sites is None else int(sites)
 
     @staticmethod
     def _check(cols: dict[str, Tensor]) -> dict[str, Tensor]:
-        out = {k: cols.get(k, torch.empty(0, dtype=d)).detach().to("cpu", d) for k, d in COLUMNS.items()}
+        out = {}
+        for k, d in COLUMNS.items():
+            v = cols.get(k)
+            v = torch.empty(0, dtype=d) if v is None else v.detach()
+            out[k] = v if v.dtype == d and v.device.type == "cpu" else v.to("cpu", d)
         n = {v.numel() for v in out.values()}
         if len(n) != 1:
             raise QfiError(f"FaultLog columns have different lengths: {n}")
@@ -56,6 +64,8 @@ class FaultLog:
     @property
     def columns(self) -> dict[str, Tensor]:
         """Column name -> 1-D CPU tensor (``name_id`` indexes ``names``)."""
+        if self._lazy is not None:
+            self._cols, self._lazy = self._check(self._lazy()), None
         if self._chunks:
             parts = [self._cols, *self._chunks]
             self._cols = {k: torch.cat([p[k] for p in parts]) for k in COLUMNS}
@@ -65,6 +75,8 @@ class FaultLog:
     @property
     def flips(self) -> int:
         """Number of flipped bits (rows)."""
+        if self._lazy is not None and self._rows is not None:
+            return self._rows
         return self.columns["index"].numel()
 
     def __len__(self) -> int:

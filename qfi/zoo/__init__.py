@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..errors import QfiError
 from .cnn import CNN_DIGITS_CONFIG, DigitsCNN
 from .data import IMAGENET_MEAN, IMAGENET_STD, digits_dataset, image_folder_dataset
 from .vit import VIT_DIGITS_CONFIG, VisionTransformer
@@ -45,7 +46,7 @@ _TORCHVISION_HINT = (
 )
 
 
-class ZooError(ValueError):
+class ZooError(QfiError):
     """A model or data spec that cannot be resolved; the message names the bad value and what is allowed."""
 
 
@@ -54,15 +55,16 @@ class MissingDependencyError(ZooError, ImportError):
 
 
 def _read_checkpoint(source) -> dict:
+    label = str(source if isinstance(source, (str, Path)) else getattr(source, "name", source))
     try:
         obj = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the path named
-        raise ZooError(f"cannot read weights {str(getattr(source, 'name', source))!r}: {e}") from e
+    except Exception as e:  # re-raised with the path named
+        raise ZooError(f"cannot read weights {label!r}: {e}") from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         return obj
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return {"state_dict": obj}
-    raise ZooError(f"weights {str(source)!r} hold neither a state dict nor a dict with a 'state_dict' key")
+    raise ZooError(f"weights {label!r} hold neither a state dict nor a dict with a 'state_dict' key")
 
 
 def _load_state(model: nn.Module, ckpt: dict, what: str) -> None:
