@@ -238,7 +238,9 @@ def merge_sorted(a: Tensor, b: Tensor) -> Tensor:
     return out.index_copy_(0, pos, b).masked_scatter_(free, a)
 
 
-def sample_sites(fault: object, n_elems: int, eligible: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def sample_sites(
+    fault: object, n_elems: int, eligible: Tensor, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
     """Sites ``(element, bit)`` of a BitFlip / FlipCount / StuckAt(ber|count) fault over
     ``n_elems`` codes whose eligible bits are ``eligible``; sorted by element then bit."""
     nb = eligible.numel()

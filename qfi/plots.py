@@ -54,7 +54,7 @@ def plot_per_bit(per_bit: pd.DataFrame, path: Path) -> Path:
     plt = _pyplot()
     keys = ["format", "target", "names", "fault", "ber", "count"]
     panels = list(per_bit.groupby(keys, sort=False, dropna=False))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 2.8 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.0 * len(panels)), squeeze=False)
     for ax, (key, df) in zip(axes[:, 0], panels):
         df = df.sort_values("bit", ascending=False)
         bits = df["bit"].to_numpy()
@@ -66,11 +66,12 @@ def plot_per_bit(per_bit: pd.DataFrame, path: Path) -> Path:
         ax.set_xticks(x, [str(int(b)) for b in bits], fontsize=7)
         ax.set_ylim(0, 1.02)
         ax.set_ylabel("top-1")
-        ax.set_title(f"{key[0]}: {_cond_label(df.iloc[0])}", fontsize=10)
+        ax.set_title(f"{key[0]}: {_cond_label(df.iloc[0])}", fontsize=10, loc="left")
         roles = dict.fromkeys(bit_role(key[0], int(b)) for b in bits)
         handles = [plt.Rectangle((0, 0), 1, 1, color=ROLE_COLOURS.get(r, "grey")) for r in roles]
         h2, l2 = ax.get_legend_handles_labels()
-        ax.legend(handles + h2, list(roles) + l2, fontsize=7, loc="lower left", ncol=len(roles) + 2)
+        ax.legend(handles + h2, list(roles) + l2, fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 1.0),
+                  ncol=len(roles) + 2, frameon=False, borderaxespad=0.1)
     axes[-1, 0].set_xlabel("bit position (0 = LSB)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -27,7 +27,7 @@ def t_quantile_975(dof: np.ndarray) -> np.ndarray:
 
 def summarize(detail: pd.DataFrame) -> pd.DataFrame:
     """One row per condition: trials, mean flips, mean/std of top-1 and top-5, the 95% confidence
-    interval of mean top-1 (Student t over repetitions), mean SDC and DUE, the clean and golden
+    interval of mean top-1 (Student t over repetitions, clipped to [0, 1]), mean SDC and DUE, the clean and golden
     baselines."""
     if detail.empty:
         return pd.DataFrame(columns=CONDITION + ["trials"])
@@ -51,8 +51,9 @@ def summarize(detail: pd.DataFrame) -> pd.DataFrame:
     std = s["top1_std"].to_numpy(dtype=float)
     with np.errstate(invalid="ignore", divide="ignore"):
         half = np.where(n > 1, t_quantile_975(np.maximum(n - 1, 1)) * std / np.sqrt(n), np.nan)
-    s.insert(s.columns.get_loc("top1_std") + 1, "top1_ci_low", s["top1_mean"] - half)
-    s.insert(s.columns.get_loc("top1_ci_low") + 1, "top1_ci_high", s["top1_mean"] + half)
+    # accuracy lives in [0, 1]: clip the t interval there
+    s.insert(s.columns.get_loc("top1_std") + 1, "top1_ci_low", (s["top1_mean"] - half).clip(lower=0.0))
+    s.insert(s.columns.get_loc("top1_ci_low") + 1, "top1_ci_high", (s["top1_mean"] + half).clip(upper=1.0))
     return s
 
 

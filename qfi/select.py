@@ -184,7 +184,7 @@ def list_names(model: nn.Module, target: str = "weights", example: object = None
         from qfi.inject import first_float
 
         hooks = [
-            m.register_forward_hook(lambda _m, _i, out, n=n: seen.setdefault(n, first_float(out)))
+            m.register_forward_hook(lambda _m, _i, out, n=n: (seen.setdefault(n, first_float(out)), None)[1])
             for n, m in mods.items()
         ]
         try:

@@ -9,10 +9,11 @@ from torch import nn
 
 import qfi
 from qfi.faults import to_int32
-from quant_schemes import FORMATS, Encoded, gather_scale, get_format
 from qfi.zoo.vit import vit_digits
+from quant_schemes import FORMATS, Encoded, gather_scale, get_format
 
-FMTS = tuple(dict.fromkeys(("fp32", "fp16", "bf16", "fp8_e4m3", "q3.13", "int8", "int8_per_channel") + FORMATS))
+REQUIRED = ("fp32", "fp16", "bf16", "fp8_e4m3", "q3.13", "int8", "int8_per_channel")
+FMTS = tuple(dict.fromkeys(REQUIRED + tuple(FORMATS)))
 
 
 def bits_of(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -239,3 +240,13 @@ def test_exponent_msb_destroys_accuracy_mantissa_lsb_does_not() -> None:
     assert clean > 0.9
     assert msb < 0.3
     assert abs(lsb - clean) <= 0.01
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "int8", "int4", "q3.13"])
+def test_activation_fast_quantize_matches_format(fmt: str) -> None:
+    """The hook's quantize shortcut gives exactly fmt.quantize's values (finite inputs)."""
+    f = get_format(fmt)
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(0)) * torch.logspace(-8, 3, 4096)
+    scale = f.choose_qparams(x[:2048])  # frozen on part of the data: the rest saturates
+    act = qfi.ActivationSession(nn.Identity(), fmt)
+    assert torch.equal(act._quantize(x, scale), f.quantize(x, scale))
