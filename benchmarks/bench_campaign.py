@@ -52,11 +52,15 @@ def main() -> None:
         t_plots = time.perf_counter() - t
     ideal = res.evaluations * t_eval
     print(f"one evaluation (450 images, median of 15): {t_eval * 1e3:.1f} ms")
-    print(f"campaign: {res.trials_run} trials, {res.evaluations} evaluations (golden + clean per format "
-          f"included), wall {wall:.2f} s")
+    print(
+        f"campaign: {res.trials_run} trials, {res.evaluations} evaluations (golden + clean per format "
+        f"included), wall {wall:.2f} s"
+    )
     print(f"overhead ratio wall / (evaluations x one evaluation) = {wall / ideal:.3f}  (target <= 1.05)")
-    print(f"strict ratio wall / (trials x one evaluation) = {wall / (res.trials_run * t_eval):.3f}  "
-          "(also charges the golden and clean baselines to the campaign)")
+    print(
+        f"strict ratio wall / (trials x one evaluation) = {wall / (res.trials_run * t_eval):.3f}  "
+        "(also charges the golden and clean baselines to the campaign)"
+    )
     print(f"per-trial overhead beyond the evaluation: {(wall - ideal) / res.trials_run * 1e3:.2f} ms")
     print(f"plots (written once per campaign, not counted above): {t_plots:.2f} s")
 

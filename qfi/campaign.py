@@ -49,8 +49,16 @@ class Trial:
     seed: int
 
     def key(self, target: str) -> tuple[str, ...]:
-        return (self.format, target, self.names, self.fault, repr(self.ber), str(self.count),
-                str(self.bit), str(self.rep))
+        return (
+            self.format,
+            target,
+            self.names,
+            self.fault,
+            repr(self.ber),
+            str(self.count),
+            str(self.bit),
+            str(self.rep),
+        )
 
     def fault_model(self) -> Any:
         bits = None if self.bit < 0 else self.bit
@@ -123,8 +131,13 @@ def _versions() -> dict[str, str]:
     import numpy
     import pandas
 
-    return {"qfi": version("qfi"), "torch": torch.__version__, "numpy": numpy.__version__,
-            "pandas": pandas.__version__, "python": platform.python_version()}
+    return {
+        "qfi": version("qfi"),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "pandas": pandas.__version__,
+        "python": platform.python_version(),
+    }
 
 
 class _DetailLog:
@@ -171,16 +184,18 @@ def _select(cfg: CampaignConfig, model: nn.Module, names: str) -> tuple[str | No
 
 
 @contextlib.contextmanager
-def _format_session(cfg: CampaignConfig, model: nn.Module, fmt_name: str, names: str,
-                    evaluator: Evaluator) -> Iterator[Any]:
+def _format_session(
+    cfg: CampaignConfig, model: nn.Module, fmt_name: str, names: str, evaluator: Evaluator
+) -> Iterator[Any]:
     include, exclude = _select(cfg, model, names)
     if cfg.target == "weights":
         with qfi.weights(model, fmt_name, names=include, exclude=exclude) as s:
             yield s
     else:
         calib = _calibration_inputs(evaluator, cfg.calibrate)
-        with qfi.activations(model, fmt_name, names=include, exclude=exclude, calibrate=calib,
-                             dynamic=cfg.dynamic) as s:
+        with qfi.activations(
+            model, fmt_name, names=include, exclude=exclude, calibrate=calib, dynamic=cfg.dynamic
+        ) as s:
             yield s
 
 
@@ -194,8 +209,15 @@ def _calibration_inputs(evaluator: Evaluator, n: int) -> list[torch.Tensor]:
     return out
 
 
-def _run_trial(cfg: CampaignConfig, session: Any, trial: Trial, model: nn.Module, evaluator: Evaluator,
-               clean: EvalResult, shortcut: bool) -> tuple[EvalResult, int, bool]:
+def _run_trial(
+    cfg: CampaignConfig,
+    session: Any,
+    trial: Trial,
+    model: nn.Module,
+    evaluator: Evaluator,
+    clean: EvalResult,
+    shortcut: bool,
+) -> tuple[EvalResult, int, bool]:
     """Returns (result, flips, evaluated)."""
     fault = trial.fault_model()
     if shortcut and trial.certainly_clean:
@@ -241,7 +263,12 @@ def run_campaign(
         model = zoo.load_model(cfg.model, weights=cfg.weights, device=device)
     model = model.to(device).eval()
     if dataset is None:
-        dataset = zoo.load_data(cfg.data or zoo.default_data_for(cfg.model), split="test")
+        data_spec = cfg.data or zoo.default_data_for(cfg.model)
+        dataset = zoo.load_data(
+            data_spec, split="test", image_size=cfg.image_size, mean=cfg.mean, std=cfg.std
+        )
+    else:
+        data_spec = f"<{type(dataset).__name__} passed to run_campaign>"
     evaluator = Evaluator(dataset, batch_size=cfg.batch_size, device=device, limit=cfg.limit)
 
     trials = plan(cfg)
@@ -258,8 +285,7 @@ def run_campaign(
     manifest = {
         "config": identity,
         "model_hash": mhash,
-        "data": {"spec": cfg.data or (zoo.default_data_for(cfg.model) if dataset is not None else None),
-                 "samples": evaluator.n},
+        "data": {"spec": data_spec, "samples": evaluator.n},
         "trials": len(trials),
         "versions": _versions(),
         "device": str(device),
@@ -276,8 +302,13 @@ def run_campaign(
             groups: dict[tuple[str, str], list[Trial]] = {}
             for t in todo:
                 groups.setdefault((t.format, t.names), []).append(t)
-            bar = tqdm(total=len(todo), desc="qfi", unit="trial", dynamic_ncols=True,
-                       disable=None if progress is None else not progress)
+            bar = tqdm(
+                total=len(todo),
+                desc="qfi",
+                unit="trial",
+                dynamic_ncols=True,
+                disable=None if progress is None else not progress,
+            )
             for (fmt_name, names), group in groups.items():
                 fmt = get_format(fmt_name)
                 with _format_session(cfg, model, fmt_name, names, evaluator) as session:
@@ -285,8 +316,10 @@ def run_campaign(
                     for t in group:
                         res, flips, evaluated = _run_trial(cfg, session, t, model, evaluator, clean, shortcut)
                         detail.add(_row(cfg, fmt, t, res, flips, evaluated, clean, golden))
-                        bar.set_postfix_str(f"{fmt_name} {t.fault}={t.ber if t.fault == 'ber' else t.count}"
-                                            f" bit={t.bit}", refresh=False)
+                        bar.set_postfix_str(
+                            f"{fmt_name} {t.fault}={t.ber if t.fault == 'ber' else t.count} bit={t.bit}",
+                            refresh=False,
+                        )
                         bar.update(1)
             bar.close()
     finally:
@@ -311,17 +344,40 @@ def run_campaign(
     summary = summarize(detail_df)
     write_tables(detail_df, summary, out, plots=plots)
     seconds = time.perf_counter() - t0
-    return CampaignResult(out, detail_df, summary, len(todo), resumed, evaluator.calls - evals_before, seconds)
+    return CampaignResult(
+        out, detail_df, summary, len(todo), resumed, evaluator.calls - evals_before, seconds
+    )
 
 
-def _row(cfg: CampaignConfig, fmt: Any, t: Trial, res: EvalResult, flips: int, evaluated: bool,
-         clean: EvalResult, golden: EvalResult) -> dict[str, Any]:
+def _row(
+    cfg: CampaignConfig,
+    fmt: Any,
+    t: Trial,
+    res: EvalResult,
+    flips: int,
+    evaluated: bool,
+    clean: EvalResult,
+    golden: EvalResult,
+) -> dict[str, Any]:
     return {
-        "format": t.format, "target": cfg.target, "names": t.names, "fault": t.fault,
-        "ber": t.ber, "count": t.count, "bit": t.bit,
+        "format": t.format,
+        "target": cfg.target,
+        "names": t.names,
+        "fault": t.fault,
+        "ber": t.ber,
+        "count": t.count,
+        "bit": t.bit,
         "bit_name": "any" if t.bit < 0 else fmt.bit_names[t.bit],
-        "rep": t.rep, "seed": t.seed, "flips": flips,
-        "top1": res.top1, "top5": res.top5, "sdc": res.sdc(clean), "due": res.due,
-        "clean_top1": clean.top1, "clean_top5": clean.top5,
-        "golden_top1": golden.top1, "golden_top5": golden.top5, "evaluated": evaluated,
+        "rep": t.rep,
+        "seed": t.seed,
+        "flips": flips,
+        "top1": res.top1,
+        "top5": res.top5,
+        "sdc": res.sdc(clean),
+        "due": res.due,
+        "clean_top1": clean.top1,
+        "clean_top5": clean.top5,
+        "golden_top1": golden.top1,
+        "golden_top5": golden.top5,
+        "evaluated": evaluated,
     }

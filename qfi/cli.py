@@ -18,21 +18,36 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported: 2-core machines spin otherwise
+os.environ.setdefault(
+    "OMP_WAIT_POLICY", "PASSIVE"
+)  # before torch is imported: 2-core machines spin otherwise
 
 MAIN_FORMATS = "fp32,fp16,bf16,q3.13,int8"
 
 
 def _common(p: argparse.ArgumentParser, *, sweep: bool = True) -> None:
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="vit_digits",
-                   help="vit_digits (default), cnn_digits, 'module.path:callable' or 'torchvision:<name>'")
+    g.add_argument(
+        "--model",
+        default="vit_digits",
+        help="vit_digits (default), cnn_digits, 'module.path:callable' or 'torchvision:<name>'",
+    )
     g.add_argument("--weights", default=None, help="state-dict file to load into the model")
     g.add_argument("--data", default=None, help="digits (default for embedded models) or imagefolder:<dir>")
+    g.add_argument(
+        "--image-size", type=int, default=None, help="image folders: resize/crop size (default 224)"
+    )
+    g.add_argument("--mean", default=None, help="image folders: per-channel mean (default ImageNet's)")
+    g.add_argument("--std", default=None, help="image folders: per-channel std (default ImageNet's)")
     g.add_argument("--target", default="weights", help="weights (parameters) or activations (module outputs)")
-    g.add_argument("--names", action="append", default=None, metavar="WORDS",
-                   help="name filter: comma-separated words, any of which the name contains (mlp,ln); "
-                        "also globs (*attention*) and 're:<regex>'. Repeat for several name groups")
+    g.add_argument(
+        "--names",
+        action="append",
+        default=None,
+        metavar="WORDS",
+        help="name filter: comma-separated words, any of which the name contains (mlp,ln); "
+        "also globs (*attention*) and 're:<regex>'. Repeat for several name groups",
+    )
     g.add_argument("--exclude", default="", help="names to leave out, same syntax as --names")
     if not sweep:
         return
@@ -43,18 +58,30 @@ def _common(p: argparse.ArgumentParser, *, sweep: bool = True) -> None:
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     g.add_argument("--batch-size", type=int, default=512)
     g.add_argument("--limit", type=int, default=None, help="evaluate on the first N samples only")
-    g.add_argument("--fresh", action="store_true", help="discard earlier results in --out instead of resuming")
+    g.add_argument(
+        "--fresh", action="store_true", help="discard earlier results in --out instead of resuming"
+    )
     g.add_argument("--no-plots", action="store_true")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _faults(p: argparse.ArgumentParser, ber: str, bits: str) -> None:
-    p.add_argument("--ber", default=ber, help=f"BER(s): 1e-6 | 1e-7,1e-5 | decades 1e-10:1e-6 (default {ber})")
-    p.add_argument("--flips", default=None,
-                   help="exact flip counts instead of / besides rates, e.g. 1,10 (with --ber none for counts only)")
-    p.add_argument("--bits", default=bits,
-                   help=f"none (any bit flips), all (one condition per bit), 30, 0:7, 23,30,31 (default {bits})")
-    p.add_argument("--dynamic", action="store_true", help="activations: scale per forward instead of calibrated")
+    p.add_argument(
+        "--ber", default=ber, help=f"BER(s): 1e-6 | 1e-7,1e-5 | decades 1e-10:1e-6 (default {ber})"
+    )
+    p.add_argument(
+        "--flips",
+        default=None,
+        help="exact flip counts instead of / besides rates, e.g. 1,10 (with --ber none for counts only)",
+    )
+    p.add_argument(
+        "--bits",
+        default=bits,
+        help=f"none (any bit flips), all (one condition per bit), 30, 0:7, 23,30,31 (default {bits})",
+    )
+    p.add_argument(
+        "--dynamic", action="store_true", help="activations: scale per forward instead of calibrated"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,12 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bits", help="per-bit sensitivity sweep of one format")
     _common(p)
-    p.add_argument("--format", default="fp32", help="format name: fp32, fp16, bf16, fp8_e4m3, q3.13, int8, ...")
+    p.add_argument(
+        "--format", default="fp32", help="format name: fp32, fp16, bf16, fp8_e4m3, q3.13, int8, ..."
+    )
     _faults(p, ber="1e-4", bits="all")
 
     p = sub.add_parser("formats", help="compare formats over a list of BERs")
     _common(p)
-    p.add_argument("--formats", default=MAIN_FORMATS, help=f"comma-separated formats (default {MAIN_FORMATS})")
+    p.add_argument(
+        "--formats", default=MAIN_FORMATS, help=f"comma-separated formats (default {MAIN_FORMATS})"
+    )
     _faults(p, ber="1e-7:1e-3", bits="none")
 
     p = sub.add_parser("ber", help="BER sweep over decades with name filters (e.g. ViT MLPs and LayerNorms)")
@@ -88,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true")
 
-    p = sub.add_parser("main", help="the default job: per-bit sweeps and a format comparison on the embedded ViT")
+    p = sub.add_parser(
+        "main", help="the default job: per-bit sweeps and a format comparison on the embedded ViT"
+    )
     p.add_argument("--out", default="qfi-results", help="output folder (default qfi-results)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--device", default="auto")
@@ -102,31 +135,65 @@ def _config(a: argparse.Namespace, formats: str, default_out: str) -> Any:
 
     ber: Any = () if str(a.ber).lower() == "none" else a.ber
     return CampaignConfig(
-        model=a.model, weights=a.weights, data=a.data, target=a.target, formats=formats, ber=ber,
-        flips=a.flips or (), bits=a.bits, names=tuple(a.names) if a.names else ("",), exclude=a.exclude,
-        reps=a.reps, seed=a.seed, batch_size=a.batch_size, limit=a.limit, device=a.device,
-        dynamic=a.dynamic, out=a.out or default_out,
+        model=a.model,
+        weights=a.weights,
+        data=a.data,
+        image_size=a.image_size,
+        mean=a.mean,
+        std=a.std,
+        target=a.target,
+        formats=formats,
+        ber=ber,
+        flips=a.flips or (),
+        bits=a.bits,
+        names=tuple(a.names) if a.names else ("",),
+        exclude=a.exclude,
+        reps=a.reps,
+        seed=a.seed,
+        batch_size=a.batch_size,
+        limit=a.limit,
+        device=a.device,
+        dynamic=a.dynamic,
+        out=a.out or default_out,
     )
 
 
 def _run(cfg: Any, a: argparse.Namespace) -> int:
     from qfi.campaign import run_campaign
 
-    res = run_campaign(cfg, fresh=a.fresh, progress=False if a.quiet else None,
-                       plots=not getattr(a, "no_plots", False))
+    res = run_campaign(
+        cfg, fresh=a.fresh, progress=False if a.quiet else None, plots=not getattr(a, "no_plots", False)
+    )
     _report(res)
     return 0
 
 
 def _report(res: Any) -> None:
     s = res.summary
-    print(f"{res.trials_run} trials run, {res.trials_resumed} resumed, {res.evaluations} evaluations, "
-          f"{res.seconds:.1f} s -> {res.out}/")
+    print(
+        f"{res.trials_run} trials run, {res.trials_resumed} resumed, {res.evaluations} evaluations, "
+        f"{res.seconds:.1f} s -> {res.out}/"
+    )
     if not s.empty:
         d = s.iloc[0]
         print(f"golden fp32 top-1 {d['golden_top1']:.4f}")
-        cols = ["format", "names", "fault", "ber", "count", "bit", "bit_name", "trials", "flips_mean",
-                "top1_mean", "top1_ci_low", "top1_ci_high", "sdc_mean", "due_mean", "clean_top1"]
+        cols = [
+            "format",
+            "names",
+            "fault",
+            "ber",
+            "count",
+            "bit",
+            "bit_name",
+            "trials",
+            "flips_mean",
+            "top1_mean",
+            "top1_ci_low",
+            "top1_ci_high",
+            "sdc_mean",
+            "due_mean",
+            "clean_top1",
+        ]
         with_pd_opts(lambda: print(s[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}")))
 
 
@@ -168,14 +235,28 @@ def cmd_main(a: argparse.Namespace) -> int:
     from qfi.config import CampaignConfig
 
     jobs = [
-        CampaignConfig(formats=MAIN_FORMATS, bits="all", ber=1e-4, reps=a.reps, device=a.device,
-                       out=os.path.join(a.out, "bits")),
-        CampaignConfig(formats=MAIN_FORMATS, bits="none", ber="1e-7:1e-3", reps=a.reps, device=a.device,
-                       out=os.path.join(a.out, "formats")),
+        CampaignConfig(
+            formats=MAIN_FORMATS,
+            bits="all",
+            ber=1e-4,
+            reps=a.reps,
+            device=a.device,
+            out=os.path.join(a.out, "bits"),
+        ),
+        CampaignConfig(
+            formats=MAIN_FORMATS,
+            bits="none",
+            ber="1e-7:1e-3",
+            reps=a.reps,
+            device=a.device,
+            out=os.path.join(a.out, "formats"),
+        ),
     ]
     for cfg in jobs:
-        print(f"== {cfg.out}: formats {', '.join(cfg.formats)}, bits {cfg.bits}, BER {list(cfg.ber)}, "
-              f"{cfg.reps} reps")
+        print(
+            f"== {cfg.out}: formats {', '.join(cfg.formats)}, bits {cfg.bits}, BER {list(cfg.ber)}, "
+            f"{cfg.reps} reps"
+        )
         res = run_campaign(cfg, fresh=a.fresh, progress=False if a.quiet else None)
         _report(res)
     return 0
@@ -187,7 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ap = build_parser()
     a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
     try:
         if a.command == "names":
             return cmd_names(a)

@@ -91,8 +91,10 @@ def _tuple(value: Any, kind: str) -> tuple:
     if value is None:
         return ()
     if isinstance(value, str):
-        return tuple(v.strip() for v in value.split(";")) if kind == "names" else tuple(
-            v.strip() for v in value.split(",") if v.strip()
+        return (
+            tuple(v.strip() for v in value.split(";"))
+            if kind == "names"
+            else tuple(v.strip() for v in value.split(",") if v.strip())
         )
     if isinstance(value, (list, tuple)):
         return tuple(value)
@@ -113,6 +115,9 @@ class CampaignConfig:
     model: str = "vit_digits"
     weights: str | None = None
     data: str | None = None
+    image_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
     target: str = "weights"
     formats: tuple[str, ...] = ("fp32",)
     ber: tuple[float, ...] = (1e-6,)
@@ -137,6 +142,15 @@ class CampaignConfig:
         set_("ber", parse_bers(self.ber) if self.ber not in (None, (), []) else ())
         set_("flips", tuple(int(f) for f in _tuple(self.flips, "flips")))
         set_("bits", "none" if self.bits is None else str(self.bits))
+        for k in ("mean", "std"):
+            v = getattr(self, k)
+            if v is not None:
+                try:
+                    set_(k, tuple(float(x) for x in _tuple(v, k)))
+                except ValueError:
+                    raise QfiError(
+                        f"{k} {v!r} must be numbers, one per channel, e.g. 0.485,0.456,0.406"
+                    ) from None
         if self.target not in TARGETS:
             raise QfiError(f"unknown target {self.target!r}; allowed: {', '.join(TARGETS)}")
         if not self.formats:

@@ -8,8 +8,12 @@ import numpy as np
 import pandas as pd
 
 ROLE_COLOURS = {
-    "sign": "#d62728", "exponent": "#1f77b4", "mantissa": "#2ca02c",
-    "integer": "#9467bd", "fraction": "#17becf", "magnitude": "#ff7f0e",
+    "sign": "#d62728",
+    "exponent": "#1f77b4",
+    "mantissa": "#2ca02c",
+    "integer": "#9467bd",
+    "fraction": "#17becf",
+    "magnitude": "#ff7f0e",
 }
 
 
@@ -55,7 +59,7 @@ def plot_per_bit(per_bit: pd.DataFrame, path: Path) -> Path:
     keys = ["format", "target", "names", "fault", "ber", "count"]
     panels = list(per_bit.groupby(keys, sort=False, dropna=False))
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.0 * len(panels)), squeeze=False)
-    for ax, (key, df) in zip(axes[:, 0], panels):
+    for ax, (key, df) in zip(axes[:, 0], panels, strict=True):
         df = df.sort_values("bit", ascending=False)
         bits = df["bit"].to_numpy()
         colours = [ROLE_COLOURS.get(bit_role(key[0], int(b)), "grey") for b in bits]
@@ -70,8 +74,16 @@ def plot_per_bit(per_bit: pd.DataFrame, path: Path) -> Path:
         roles = dict.fromkeys(bit_role(key[0], int(b)) for b in bits)
         handles = [plt.Rectangle((0, 0), 1, 1, color=ROLE_COLOURS.get(r, "grey")) for r in roles]
         h2, l2 = ax.get_legend_handles_labels()
-        ax.legend(handles + h2, list(roles) + l2, fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 1.0),
-                  ncol=len(roles) + 2, frameon=False, borderaxespad=0.1)
+        ax.legend(
+            handles + h2,
+            list(roles) + l2,
+            fontsize=7,
+            loc="lower right",
+            bbox_to_anchor=(1.0, 1.0),
+            ncol=len(roles) + 2,
+            frameon=False,
+            borderaxespad=0.1,
+        )
     axes[-1, 0].set_xlabel("bit position (0 = LSB)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -83,15 +95,22 @@ def plot_vs_ber(per_format: pd.DataFrame, path: Path) -> Path:
     """Mean top-1 (95% CI band) against BER on a log axis, one line per format and name group."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for (fmt, target, names), df in per_format.groupby(["format", "target", "names"], sort=False, dropna=False):
+    for (fmt, _target, names), df in per_format.groupby(
+        ["format", "target", "names"], sort=False, dropna=False
+    ):
         df = df.sort_values("ber")
         df = df[df["ber"] > 0]
         if df.empty:
             continue
         label = fmt if per_format["names"].nunique() == 1 else f"{fmt} [{names or 'all'}]"
         line = ax.plot(df["ber"], df["top1_mean"], marker="o", ms=4, label=label)[0]
-        ax.fill_between(df["ber"], df["top1_ci_low"].fillna(df["top1_mean"]),
-                        df["top1_ci_high"].fillna(df["top1_mean"]), color=line.get_color(), alpha=0.15)
+        ax.fill_between(
+            df["ber"],
+            df["top1_ci_low"].fillna(df["top1_mean"]),
+            df["top1_ci_high"].fillna(df["top1_mean"]),
+            color=line.get_color(),
+            alpha=0.15,
+        )
     ax.axhline(per_format["golden_top1"].iloc[0], color="grey", ls=":", lw=1, label="golden fp32")
     ax.set_xscale("log")
     ax.set_ylim(0, 1.02)

@@ -12,8 +12,26 @@ import numpy as np
 import pandas as pd
 
 DETAIL_COLUMNS = (
-    "format", "target", "names", "fault", "ber", "count", "bit", "bit_name", "rep", "seed", "flips",
-    "top1", "top5", "sdc", "due", "clean_top1", "clean_top5", "golden_top1", "golden_top5", "evaluated",
+    "format",
+    "target",
+    "names",
+    "fault",
+    "ber",
+    "count",
+    "bit",
+    "bit_name",
+    "rep",
+    "seed",
+    "flips",
+    "top1",
+    "top5",
+    "sdc",
+    "due",
+    "clean_top1",
+    "clean_top5",
+    "golden_top1",
+    "golden_top5",
+    "evaluated",
 )
 CONDITION = ["format", "target", "names", "fault", "ber", "count", "bit", "bit_name"]
 
@@ -27,7 +45,8 @@ def t_quantile_975(dof: np.ndarray) -> np.ndarray:
 
 def summarize(detail: pd.DataFrame) -> pd.DataFrame:
     """One row per condition: trials, mean flips, mean/std of top-1 and top-5, the 95% confidence
-    interval of mean top-1 (Student t over repetitions, clipped to [0, 1]), mean SDC and DUE, the clean and golden
+    interval of mean top-1 (Student t over repetitions, clipped to [0, 1]), mean SDC and DUE,
+    the clean and golden
     baselines."""
     if detail.empty:
         return pd.DataFrame(columns=CONDITION + ["trials"])

@@ -24,14 +24,26 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default="qfi-results/bit_sensitivity")
     a = ap.parse_args()
-    cfg = CampaignConfig(formats=a.format, bits="all", ber=a.ber, names=a.names, target=a.target,
-                         reps=a.reps, out=os.path.join(a.out, a.format))
+    cfg = CampaignConfig(
+        formats=a.format,
+        bits="all",
+        ber=a.ber,
+        names=a.names,
+        target=a.target,
+        reps=a.reps,
+        out=os.path.join(a.out, a.format),
+    )
     res = run_campaign(cfg)
     t = res.summary.sort_values("bit", ascending=False)
-    print(f"golden fp32 top-1 {t['golden_top1'].iloc[0]:.4f}, clean {a.format} top-1 {t['clean_top1'].iloc[0]:.4f}")
+    print(
+        f"golden fp32 top-1 {t['golden_top1'].iloc[0]:.4f}, "
+        f"clean {a.format} top-1 {t['clean_top1'].iloc[0]:.4f}"
+    )
     for _, r in t.iterrows():
-        print(f"bit {int(r['bit']):2d} {r['bit_name']:<10} top-1 {r['top1_mean']:.4f} "
-              f"[{r['top1_ci_low']:.4f}, {r['top1_ci_high']:.4f}]  flips/trial {r['flips_mean']:.1f}")
+        print(
+            f"bit {int(r['bit']):2d} {r['bit_name']:<10} top-1 {r['top1_mean']:.4f} "
+            f"[{r['top1_ci_low']:.4f}, {r['top1_ci_high']:.4f}]  flips/trial {r['flips_mean']:.1f}"
+        )
     print(f"-> {res.out}/per_bit.csv, {res.out}/per_bit.png")
 
 

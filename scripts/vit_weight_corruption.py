@@ -35,17 +35,29 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="qfi-results/vit_weight_corruption")
     a = ap.parse_args()
-    cfg = CampaignConfig(model=a.model, weights=a.weights, data=a.data, formats=a.format, ber=a.ber,
-                         names=a.names, exclude=a.exclude, reps=a.reps, batch_size=a.batch_size,
-                         device=a.device, out=a.out)
+    cfg = CampaignConfig(
+        model=a.model,
+        weights=a.weights,
+        data=a.data,
+        formats=a.format,
+        ber=a.ber,
+        names=a.names,
+        exclude=a.exclude,
+        reps=a.reps,
+        batch_size=a.batch_size,
+        device=a.device,
+        out=a.out,
+    )
     res = run_campaign(cfg)
     d = res.detail
     d[["ber", "rep", "flips", "top1", "top5"]].to_csv(os.path.join(a.out, "detail-model.csv"), index=False)
     m = d.groupby("ber", sort=False)[["top1", "top5"]].mean().reset_index()
     m.to_csv(os.path.join(a.out, "model.csv"), index=False, float_format="%.6g")
-    print(f"golden top-1 {d['golden_top1'].iloc[0]:.4f}; {res.trials_run} trials, "
-          f"{res.evaluations} model evaluations ({(d['evaluated'] == 0).sum()} zero-flip trials answered "
-          f"from the clean result)")
+    print(
+        f"golden top-1 {d['golden_top1'].iloc[0]:.4f}; {res.trials_run} trials, "
+        f"{res.evaluations} model evaluations ({(d['evaluated'] == 0).sum()} zero-flip trials answered "
+        f"from the clean result)"
+    )
     print(m.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"-> {a.out}/model.csv, {a.out}/detail-model.csv")
 

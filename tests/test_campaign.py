@@ -36,22 +36,35 @@ def _same(a, b):
 
 def test_plan_is_the_full_product_with_stable_distinct_seeds(tmp_path):
     """plan() = formats x groups x bits x (rates + counts) x reps, seeds stable across calls and distinct."""
-    cfg = _cfg(tmp_path, "p", formats=("fp32", "int8"), names=("mlp", "ln"), bits="0:1", ber=(1e-6, 1e-5),
-               flips=(3,), reps=2)
+    cfg = _cfg(
+        tmp_path,
+        "p",
+        formats=("fp32", "int8"),
+        names=("mlp", "ln"),
+        bits="0:1",
+        ber=(1e-6, 1e-5),
+        flips=(3,),
+        reps=2,
+    )
     trials = plan(cfg)
     assert len(trials) == 2 * 2 * 2 * 3 * 2
     assert [t.seed for t in trials] == [t.seed for t in plan(cfg)]
     assert len({t.seed for t in trials}) == len(trials)
     other = plan(dataclasses.replace(cfg, seed=1))
-    assert all(a.seed != b.seed for a, b in zip(trials, other))
+    assert all(a.seed != b.seed for a, b in zip(trials, other, strict=True))
 
 
 def test_zero_flip_shortcut_gives_the_numbers_of_running_the_model(tmp_path, model):
     """Trials with no flips answered from the clean result equal the same trials actually evaluated."""
     cfg = _cfg(tmp_path, "short", ber=(1e-7, 1e-6), reps=8)
     fast = run_campaign(cfg, model=model, progress=False, plots=False)
-    slow = run_campaign(dataclasses.replace(cfg, out=str(tmp_path / "slow")), model=model, progress=False,
-                        plots=False, shortcut=False)
+    slow = run_campaign(
+        dataclasses.replace(cfg, out=str(tmp_path / "slow")),
+        model=model,
+        progress=False,
+        plots=False,
+        shortcut=False,
+    )
     cols = [c for c in fast.detail.columns if c != "evaluated"]
     pd.testing.assert_frame_equal(fast.detail[cols], slow.detail[cols])
     zero = (fast.detail["flips"] == 0).sum()
@@ -105,8 +118,12 @@ def test_a_different_campaign_in_the_same_folder_is_refused(tmp_path, model):
 def test_campaign_leaves_the_model_bit_identical_and_reports_baselines(tmp_path, model):
     """After a quantized campaign every weight is bit-identical; golden and clean baselines are reported."""
     before = _bits(model)
-    res = run_campaign(_cfg(tmp_path, "q", formats=("int8", "bf16"), ber=(1e-3,), reps=3), model=model,
-                       progress=False, plots=False)
+    res = run_campaign(
+        _cfg(tmp_path, "q", formats=("int8", "bf16"), ber=(1e-3,), reps=3),
+        model=model,
+        progress=False,
+        plots=False,
+    )
     assert _same(before, _bits(model))
     s = res.summary.set_index("format")
     assert s.loc["int8", "golden_top1"] == s.loc["bf16", "golden_top1"] > 0.9
@@ -117,8 +134,12 @@ def test_campaign_leaves_the_model_bit_identical_and_reports_baselines(tmp_path,
 
 def test_activation_campaign(tmp_path, model):
     """Activation faults on MLP outputs in fp16 run through the same campaign and produce rows with flips."""
-    res = run_campaign(_cfg(tmp_path, "act", target="activations", formats=("fp16",), names=("mlp",),
-                            ber=(1e-4,), reps=2), model=model, progress=False, plots=False)
+    res = run_campaign(
+        _cfg(tmp_path, "act", target="activations", formats=("fp16",), names=("mlp",), ber=(1e-4,), reps=2),
+        model=model,
+        progress=False,
+        plots=False,
+    )
     assert len(res.detail) == 2
     assert (res.detail["flips"] > 0).all()
     assert (res.detail["target"] == "activations").all()

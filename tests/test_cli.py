@@ -64,7 +64,9 @@ def test_ber_sweep_with_name_filter(tmp_path):
 def test_run_yaml(tmp_path):
     """`qfi run campaign.yaml` builds the same CampaignConfig from the file's keys."""
     y = tmp_path / "c.yaml"
-    y.write_text(f"formats: [bf16, q3.13]\nber: 1e-4\nreps: 2\nlimit: 64\ndevice: cpu\nout: {tmp_path / 'y'}\n")
+    y.write_text(
+        f"formats: [bf16, q3.13]\nber: 1e-4\nreps: 2\nlimit: 64\ndevice: cpu\nout: {tmp_path / 'y'}\n"
+    )
     assert main(["run", str(y), "--quiet"]) == 0
     assert set(pd.read_csv(tmp_path / "y" / "summary.csv")["format"]) == {"bf16", "q3.13"}
 
@@ -95,14 +97,28 @@ def test_bad_flags_name_the_value(tmp_path, capsys, argv, match):
 def test_killed_campaign_resumes_to_identical_csvs(tmp_path):
     """SIGKILL a running `qfi formats`, rerun the same command: same CSVs as an uninterrupted run."""
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    args = ["formats", "--formats", "fp32,bf16", "--ber", "1e-5:1e-3", "--reps", "6", "--limit", "256",
-            "--device", "cpu", "--quiet", "--no-plots"]
+    args = [
+        "formats",
+        "--formats",
+        "fp32,bf16",
+        "--ber",
+        "1e-5:1e-3",
+        "--reps",
+        "6",
+        "--limit",
+        "256",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--no-plots",
+    ]
     cmd = [sys.executable, "-m", "qfi.cli"]
     ref = tmp_path / "ref"
     subprocess.run([*cmd, *args, "--out", str(ref)], check=True, env=env, capture_output=True)
     out = tmp_path / "killed"
-    p = subprocess.Popen([*cmd, *args, "--out", str(out)], env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [*cmd, *args, "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     detail = out / "detail.csv"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -117,3 +133,61 @@ def test_killed_campaign_resumes_to_identical_csvs(tmp_path):
     assert f"{rows_at_kill} resumed" in r.stdout
     for name in ("detail.csv", "summary.csv", "per_format.csv"):
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+def test_plug_in_model_and_image_folder(tmp_path, monkeypatch):
+    """A 'module:callable' model with a state-dict file runs on an ImageFolder directory with mean/std."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    (tmp_path / "mymodel.py").write_text(
+        "from torch import nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, 3))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    import importlib
+
+    model = importlib.import_module("mymodel").build()
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog", "owl"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (10, 10, 3), dtype=np.uint8)).save(
+                tmp_path / "imgs" / c / f"{i}.png"
+            )
+    out = tmp_path / "o"
+    argv = [
+        "ber",
+        "--model",
+        "mymodel:build",
+        "--weights",
+        str(tmp_path / "w.pt"),
+        "--data",
+        f"imagefolder:{tmp_path / 'imgs'}",
+        "--image-size",
+        "8",
+        "--mean",
+        "0.5,0.5,0.5",
+        "--std",
+        "0.25,0.25,0.25",
+        "--ber",
+        "1e-3",
+        "--out",
+        str(out),
+        *FAST,
+    ]
+    assert main(argv) == 0
+    d = pd.read_csv(out / "detail.csv")
+    assert len(d) == 2 and (d["flips"] > 0).all()
+    manifest = (out / "manifest.json").read_text()
+    assert "mymodel:build" in manifest and '"samples": 9' in manifest
+
+
+def test_plug_in_model_without_data_is_a_clear_error(tmp_path, capsys):
+    """A model that is not embedded needs --data; the error says which forms are allowed."""
+    assert main(["ber", "--model", "torch.nn:Identity", "--out", str(tmp_path / "o"), *FAST]) == 2
+    assert "imagefolder" in capsys.readouterr().err

@@ -22,7 +22,8 @@ def test_bad_ber_specs_name_the_value(spec):
 
 
 def test_bits_specs():
-    """'none' = any bit (-1), 'all' = each position, ranges are inclusive, positions checked against the format."""
+    """'none' = any bit (-1), 'all' = each position, ranges are inclusive, positions checked
+    against the format."""
     assert parse_bits("none", 8) == (-1,)
     assert parse_bits("all", 8) == tuple(range(8))
     assert parse_bits("0:2,7", 8) == (0, 1, 2, 7)

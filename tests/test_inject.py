@@ -250,3 +250,78 @@ def test_activation_fast_quantize_matches_format(fmt: str) -> None:
     scale = f.choose_qparams(x[:2048])  # frozen on part of the data: the rest saturates
     act = qfi.ActivationSession(nn.Identity(), fmt)
     assert torch.equal(act._quantize(x, scale), f.quantize(x, scale))
+    y = x.clone()
+    assert torch.equal(act._quantize(y, scale, inplace=True), f.quantize(x, scale))
+
+
+def test_activation_quantize_never_overwrites_an_input() -> None:
+    """A module that returns its input (nn.Identity) feeds a residual branch: emulating its
+    output must not change the tensor the rest of the model still reads."""
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ident = nn.Identity()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.ident(x)  # reads x after the hook ran on ident's output
+
+    m = Residual()
+    x = torch.randn(64) * 10
+    with torch.no_grad(), qfi.activations(m, "int8", names="ident", calibrate=[x]):
+        y = m(x.clone())
+    assert torch.equal(y, x + get_format("int8").quantize(x, get_format("int8").choose_qparams(x)))
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int8"])
+def test_restore_keeps_layout_of_non_contiguous_weights(fmt: str) -> None:
+    """A transposed (non-contiguous) weight comes back with its shape, strides and bits, also when
+    the flat buffer was used; the Parameter object itself is never replaced."""
+    lin = nn.Linear(5, 3)
+    lin.weight = nn.Parameter(torch.randn(5, 3).t())  # strides (1, 3)
+    param, stride, before = lin.weight, lin.weight.stride(), lin.weight.detach().clone()
+    with qfi.weights(lin, fmt) as w, w.inject(qfi.FlipCount(4), seed=0) as log:
+        assert log.flips == 4
+    assert lin.weight is param and lin.weight.stride() == stride
+    assert torch.equal(lin.weight.detach().view(torch.int32), before.view(torch.int32))
+
+
+def test_failed_enter_changes_nothing() -> None:
+    """If quantizing one selected tensor fails mid-way (fp16 weights cannot hold int8 values
+    exactly), the tensors already moved are put back and the model is unchanged."""
+    m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)).half()
+    orig = {n: t.detach().clone() for n, t in m.state_dict().items()}
+    with pytest.raises(qfi.QfiError, match="cannot hold"), qfi.weights(m, "int8"):
+        pass
+    assert all(torch.equal(orig[n].view(torch.int16), t.view(torch.int16)) for n, t in m.state_dict().items())
+
+
+def test_large_flat_buffer_restores_bit_exact() -> None:
+    """Above 4 MB the flat buffer is a huge-page mapping on the CPU: faults land in the live
+    weights and restore stays bit-exact (NaN/inf patterns from exponent flips included)."""
+    lin = nn.Linear(2000, 1000)
+    before = {n: t.detach().clone() for n, t in lin.state_dict().items()}
+    with qfi.weights(lin, "fp32") as w, w.inject(qfi.FlipCount(500, bits=30), seed=0) as log:
+        assert log.flips == 500
+        assert int((lin.weight.detach().view(torch.int32) != before["weight"].view(torch.int32)).sum()) > 400
+    for n, t in lin.state_dict().items():
+        assert torch.equal(t.view(torch.int32), before[n].view(torch.int32))
+
+
+def test_activation_quantize_never_overwrites_a_parameter() -> None:
+    """A module whose output shares storage with its own weight keeps the weight intact."""
+
+    class Table(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(32) * 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.w.detach()  # no autograd, same storage as the parameter
+
+    m = nn.Sequential(Table())
+    before = m[0].w.detach().clone()
+    with torch.no_grad(), qfi.activations(m, "int8", names="0", dynamic=True):
+        out = m(torch.zeros(1))
+    assert torch.equal(m[0].w.detach(), before)
+    assert not torch.equal(out, before)  # the output itself was quantized

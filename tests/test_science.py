@@ -63,7 +63,12 @@ def test_fixed_point_sensitivity_grows_with_bit_significance(narrow):
     ranks = lambda v: np.argsort(np.argsort(v))  # noqa: E731
     rho = np.corrcoef(ranks(bits), ranks(drop.to_numpy() + 1e-9 * bits))[0, 1]
     assert rho > 0.85, rho
-    assert d.loc[15, "top1_mean"] < d.loc[14, "top1_mean"] < d.loc[13, "top1_mean"] < d.loc[0:12, "top1_mean"].min()
+    assert (
+        d.loc[15, "top1_mean"]
+        < d.loc[14, "top1_mean"]
+        < d.loc[13, "top1_mean"]
+        < d.loc[0:12, "top1_mean"].min()
+    )
     assert (drop.loc[0:7].abs() < 1e-9).all()
 
 
