@@ -128,11 +128,7 @@ class IntSymmetric:
         if not isinstance(scale, Tensor):
             raise FormatError(f"{self.name}: scale must be a float tensor, got {type(scale).__name__}")
         s = scale.to(device=x32.device, dtype=torch.float32)
-        try:
-            shape = torch.broadcast_shapes(s.shape, x32.shape)
-        except RuntimeError:
-            shape = None
-        if shape != x32.shape:
+        if not _broadcasts_to(tuple(s.shape), tuple(x32.shape)):
             raise FormatError(
                 f"{self.name}: scale of shape {tuple(s.shape)} does not broadcast to "
                 f"x of shape {tuple(x32.shape)}"
@@ -170,3 +166,11 @@ class IntSymmetric:
 
     def __str__(self) -> str:
         return self.name
+
+
+def _broadcasts_to(small: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """Whether ``small`` broadcasts to exactly ``shape`` (plain Python: ``torch.broadcast_shapes``
+    imports torch._refs on first use, ~0.6 s)."""
+    if len(small) > len(shape):
+        return False
+    return all(a in (1, b) for a, b in zip(reversed(small), reversed(shape), strict=False))
