@@ -185,23 +185,23 @@ def _select(cfg: CampaignConfig, model: nn.Module, names: str) -> tuple[str | No
 
 @contextlib.contextmanager
 def _format_session(
-    cfg: CampaignConfig, model: nn.Module, fmt_name: str, names: str, evaluator: Evaluator
+    cfg: CampaignConfig, model: nn.Module, fmt_name: str, names: str, calib: list[torch.Tensor]
 ) -> Iterator[Any]:
     include, exclude = _select(cfg, model, names)
     if cfg.target == "weights":
         with qfi.weights(model, fmt_name, names=include, exclude=exclude) as s:
             yield s
     else:
-        calib = _calibration_inputs(evaluator, cfg.calibrate)
         with qfi.activations(
             model, fmt_name, names=include, exclude=exclude, calibrate=calib, dynamic=cfg.dynamic
         ) as s:
             yield s
 
 
-def _calibration_inputs(evaluator: Evaluator, n: int) -> list[torch.Tensor]:
+def _calibration_inputs(batches: list[torch.Tensor], n: int) -> list[torch.Tensor]:
+    """The first ``n`` samples of ``batches`` (activation scales are calibrated on them, then frozen)."""
     out, seen = [], 0
-    for x in evaluator.inputs():
+    for x in batches:
         if seen >= n:
             break
         out.append(x[: n - seen])
@@ -270,6 +270,14 @@ def run_campaign(
     else:
         data_spec = f"<{type(dataset).__name__} passed to run_campaign>"
     evaluator = Evaluator(dataset, batch_size=cfg.batch_size, device=device, limit=cfg.limit)
+    calib: list[torch.Tensor] = []
+    if cfg.target == "activations":
+        # calibrate on held-in data when the dataset has a training split (digits), else on the
+        # first evaluation samples
+        source = evaluator
+        if data_spec == "digits":
+            source = Evaluator(zoo.load_data("digits", split="train"), cfg.batch_size, device, cfg.calibrate)
+        calib = _calibration_inputs(source.inputs(), cfg.calibrate)
 
     trials = plan(cfg)
     manifest_path = out / "manifest.json"
@@ -311,7 +319,7 @@ def run_campaign(
             )
             for (fmt_name, names), group in groups.items():
                 fmt = get_format(fmt_name)
-                with _format_session(cfg, model, fmt_name, names, evaluator) as session:
+                with _format_session(cfg, model, fmt_name, names, calib) as session:
                     clean = evaluator(model)
                     for t in group:
                         res, flips, evaluated = _run_trial(cfg, session, t, model, evaluator, clean, shortcut)

@@ -110,6 +110,10 @@ class CampaignConfig:
     at the BER), ``"all"`` (one condition per bit position, only that bit flips: the per-bit
     sweep), or explicit positions ``"30"``, ``"0:7"``, ``"23,30,31"``.  ``flips`` adds conditions
     with an exact number of flips (at the chosen bit) instead of a rate.
+
+    For ``target="activations"`` the int scales are calibrated once on ``calibrate`` samples (the
+    training split of the embedded digits, else the first evaluation samples) and then frozen,
+    unless ``dynamic`` computes them on every forward.
     """
 
     model: str = "vit_digits"

@@ -133,13 +133,24 @@ def test_campaign_leaves_the_model_bit_identical_and_reports_baselines(tmp_path,
 
 
 def test_activation_campaign(tmp_path, model):
-    """Activation faults on MLP outputs in fp16 run through the same campaign and produce rows with flips."""
+    """Activation faults on MLP outputs in fp16 and int8 run through the same campaign and give
+    rows with flips; int8 scales come from calibration and keep clean accuracy."""
     res = run_campaign(
-        _cfg(tmp_path, "act", target="activations", formats=("fp16",), names=("mlp",), ber=(1e-4,), reps=2),
+        _cfg(
+            tmp_path,
+            "act",
+            target="activations",
+            formats=("fp16", "int8"),
+            names=("mlp",),
+            ber=(1e-4,),
+            reps=2,
+        ),
         model=model,
         progress=False,
         plots=False,
     )
-    assert len(res.detail) == 2
+    assert len(res.detail) == 4
     assert (res.detail["flips"] > 0).all()
+    clean = res.summary.set_index("format")["clean_top1"]
+    assert clean["int8"] > 0.9  # int8 activation scales calibrated on the training split, then frozen
     assert (res.detail["target"] == "activations").all()
