@@ -190,12 +190,21 @@ class CampaignConfig:
 
     @classmethod
     def from_yaml(cls, path: str) -> CampaignConfig:
+        """A campaign file (YAML keys = the fields), or a run's ``manifest.json`` (YAML reads
+        JSON), whose ``config`` reruns that campaign (give ``out`` to write elsewhere)."""
         import yaml
 
-        with open(path) as f:
-            d = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                d = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise QfiError(f"campaign file {path!r} does not exist") from None
+        except yaml.YAMLError as e:
+            raise QfiError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(d, dict):
             raise QfiError(f"{path}: a campaign file must be a mapping of keys to values")
+        if "config" in d and "model_hash" in d:  # a manifest written by run_campaign
+            d = dict(d["config"])
         return cls.from_dict(d)
 
     def to_dict(self) -> dict[str, Any]:

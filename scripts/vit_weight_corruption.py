@@ -58,7 +58,11 @@ def main() -> None:
         f"{res.evaluations} model evaluations ({(d['evaluated'] == 0).sum()} zero-flip trials answered "
         f"from the clean result)"
     )
-    print(m.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(
+        m.to_string(
+            index=False, formatters={"ber": "{:g}".format, "top1": "{:.4f}".format, "top5": "{:.4f}".format}
+        )
+    )
     print(f"-> {a.out}/model.csv, {a.out}/detail-model.csv")
 
 

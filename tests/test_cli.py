@@ -191,3 +191,22 @@ def test_plug_in_model_without_data_is_a_clear_error(tmp_path, capsys):
     """A model that is not embedded needs --data; the error says which forms are allowed."""
     assert main(["ber", "--model", "torch.nn:Identity", "--out", str(tmp_path / "o"), *FAST]) == 2
     assert "imagefolder" in capsys.readouterr().err
+
+
+def test_manifest_reruns_the_campaign(tmp_path):
+    """`qfi run <out>/manifest.json --out other` reruns the recorded campaign: identical detail.csv."""
+    first = tmp_path / "first"
+    assert main(["bits", "--format", "int4", "--ber", "1e-3", "--out", str(first), *FAST]) == 0
+    again = tmp_path / "again"
+    assert main(["run", str(first / "manifest.json"), "--out", str(again), "--quiet"]) == 0
+    assert (again / "detail.csv").read_bytes() == (first / "detail.csv").read_bytes()
+
+
+def test_run_missing_or_bad_campaign_file(tmp_path, capsys):
+    """A missing or non-mapping campaign file is an error naming the file."""
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- 1\n- 2\n")
+    assert main(["run", str(bad)]) == 2
+    assert "must be a mapping" in capsys.readouterr().err
