@@ -81,6 +81,10 @@ def resolve_device(spec: str) -> torch.device:
         raise QfiError(f"unknown device {spec!r}; allowed: auto, cpu, cuda, cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise QfiError(f"device {spec!r} asked for, but torch sees no CUDA device here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise QfiError(f"device {spec!r}: torch sees {torch.cuda.device_count()} CUDA device(s), cuda:0..")
+    if dev.type not in ("cpu", "cuda"):
+        raise QfiError(f"unknown device {spec!r}; allowed: auto, cpu, cuda, cuda:N")
     return dev
 
 
@@ -96,7 +100,7 @@ def plan(cfg: CampaignConfig) -> list[Trial]:
     for fmt_name in cfg.formats:
         fmt = get_format(fmt_name)
         for names in cfg.names:
-            for bit in parse_bits(cfg.bits, fmt.bits):
+            for bit in dict.fromkeys(parse_bits(cfg.bits, fmt.bits)):
                 conds = [("ber", p, 0) for p in cfg.ber] + [("flips", 0.0, n) for n in cfg.flips]
                 for fault, ber, count in conds:
                     for rep in range(cfg.reps):
@@ -140,23 +144,31 @@ def _versions() -> dict[str, str]:
     }
 
 
+def _finished_rows(path: Path) -> dict[tuple[str, ...], dict[str, str]]:
+    """The complete rows of an existing ``detail.csv`` by trial key (a half-written last line,
+    left by a kill, is ignored)."""
+    if not path.exists():
+        return {}
+    raw = path.read_bytes()
+    raw = raw[: raw.rfind(b"\n") + 1]  # killed mid-line: drop the partial row
+    reader = csv.DictReader(raw.decode().splitlines())
+    rows = list(reader)
+    if rows and list(reader.fieldnames or ()) != list(DETAIL_COLUMNS):
+        raise QfiError(f"{path} has other columns than this version of qfi writes; use --fresh")
+    return {tuple(r[c] for c in KEY_COLUMNS): r for r in rows}
+
+
 class _DetailLog:
     """``detail.csv`` opened for appending, one flushed line per finished trial."""
 
-    def __init__(self, path: Path, fresh: bool) -> None:
+    def __init__(self, path: Path, done: dict[tuple[str, ...], dict[str, str]]) -> None:
         self.path = path
-        self.done: dict[tuple[str, ...], dict[str, str]] = {}
-        if path.exists() and not fresh:
+        self.done = done
+        new = not done
+        if not new:  # drop a half-written last line before appending
             raw = path.read_bytes()
-            if raw and not raw.endswith(b"\n"):  # killed mid-line: drop the partial row
-                raw = raw[: raw.rfind(b"\n") + 1]
-                path.write_bytes(raw)
-            rows = list(csv.DictReader(raw.decode().splitlines()))
-            if rows and list(rows[0].keys()) != list(DETAIL_COLUMNS):
-                raise QfiError(f"{path} has other columns than this version of qfi writes; use --fresh")
-            for r in rows:
-                self.done[tuple(r[c] for c in KEY_COLUMNS)] = r
-        new = not path.exists() or fresh or not self.done
+            if not raw.endswith(b"\n"):
+                path.write_bytes(raw[: raw.rfind(b"\n") + 1])
         self.f = open(path, "w" if new else "a", newline="")
         self.w = csv.writer(self.f, lineterminator="\n")
         if new:
@@ -179,8 +191,28 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+_OUTPUTS = ("summary.csv", "per_bit.csv", "per_format.csv", "per_bit.png", "per_format.png")
+
+
+def _same_campaign(old: dict[str, Any], cfg: CampaignConfig, mhash: str) -> bool:
+    """Whether an earlier run's manifest describes ``cfg`` on the same model (``out`` aside)."""
+    try:
+        same = CampaignConfig.from_dict(old["config"]).identity() == cfg.identity()
+    except (QfiError, KeyError, TypeError):
+        return False
+    return same and old.get("model_hash") == mhash
+
+
 def _select(cfg: CampaignConfig, model: nn.Module, names: str) -> tuple[str | None, str | None]:
     return (names or None), (cfg.exclude or None)
+
+
+def _check_names(cfg: CampaignConfig, model: nn.Module) -> None:
+    """Every name group selects something (QfiError with the nearest names otherwise)."""
+    select = qfi.select_weights if cfg.target == "weights" else qfi.select_modules
+    for names in cfg.names:
+        include, exclude = _select(cfg, model, names)
+        select(model, names=include, exclude=exclude)
 
 
 @contextlib.contextmanager
@@ -259,6 +291,7 @@ def run_campaign(
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
+    model_given = None if model is None else type(model).__name__
     if model is None:
         model = zoo.load_model(cfg.model, weights=cfg.weights, device=device)
     model = model.to(device).eval()
@@ -271,40 +304,71 @@ def run_campaign(
         data_spec = f"<{type(dataset).__name__} passed to run_campaign>"
     evaluator = Evaluator(dataset, batch_size=cfg.batch_size, device=device, limit=cfg.limit)
     calib: list[torch.Tensor] = []
+    calib_info = None
     if cfg.target == "activations":
-        # calibrate on held-in data when the dataset has a training split (digits), else on the
-        # first evaluation samples
+        # calibrate on held-in data: calibrate_data, else the digits training split, else (no
+        # training data known) the first evaluation samples
         source = evaluator
-        if data_spec == "digits":
-            source = Evaluator(zoo.load_data("digits", split="train"), cfg.batch_size, device, cfg.calibrate)
+        calib_spec = cfg.calibrate_data or ("digits" if data_spec == "digits" else None)
+        if calib_spec is not None:
+            calib_set = zoo.load_data(
+                calib_spec, split="train", image_size=cfg.image_size, mean=cfg.mean, std=cfg.std
+            )
+            source = Evaluator(calib_set, cfg.batch_size, device, cfg.calibrate)
         calib = _calibration_inputs(source.inputs(), cfg.calibrate)
+        calib_info = {
+            "spec": calib_spec or "the first evaluation samples",
+            "samples": sum(len(x) for x in calib),
+            "dynamic": cfg.dynamic,
+        }
 
     trials = plan(cfg)
-    manifest_path = out / "manifest.json"
-    identity = cfg.identity()
+    _check_names(cfg, model)  # a name filter matching nothing fails before anything is written
+    manifest_path, detail_path = out / "manifest.json", out / "detail.csv"
     mhash = model_hash(model)
-    if manifest_path.exists() and not fresh:
-        old = json.loads(manifest_path.read_text())
-        if old.get("config") != identity or old.get("model_hash") != mhash:
+    done: dict[tuple[str, ...], dict[str, str]] = {}
+    if not fresh:
+        done = _finished_rows(detail_path)
+        try:
+            old = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+        except json.JSONDecodeError:
+            old = {}
+        if done and old is None:
+            raise QfiError(
+                f"{detail_path} holds trials but {manifest_path.name} is missing, so they cannot be "
+                "checked against this campaign; use another --out or --fresh to overwrite"
+            )
+        if done and not _same_campaign(old, cfg, mhash):
             raise QfiError(
                 f"{out} holds results of a different campaign (config or model differ); "
                 "use another --out or --fresh to overwrite"
             )
+        seeds = {t.key(cfg.target): str(t.seed) for t in trials}
+        if any(k in seeds and r["seed"] != seeds[k] for k, r in done.items()):
+            raise QfiError(f"{detail_path} holds trials with other seeds; use another --out or --fresh")
+    if not done:  # a fresh campaign must not leave an earlier one's tables and plots behind
+        for stale in _OUTPUTS:
+            (out / stale).unlink(missing_ok=True)
     manifest = {
-        "config": identity,
+        "config": cfg.to_dict(),
+        "model": cfg.model if model_given is None else f"<{model_given} passed to run_campaign>",
         "model_hash": mhash,
         "data": {"spec": data_spec, "samples": evaluator.n},
+        "calibration": calib_info,
         "trials": len(trials),
         "versions": _versions(),
         "device": str(device),
     }
-    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, manifest_path)
 
-    detail = _DetailLog(out / "detail.csv", fresh)
+    detail = _DetailLog(detail_path, done)
     resumed = sum(1 for t in trials if t.key(cfg.target) in detail.done)
     todo = [t for t in trials if t.key(cfg.target) not in detail.done]
     evals_before = evaluator.calls
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(detail.close)
         if todo:
             golden = evaluator(model)
             groups: dict[tuple[str, str], list[Trial]] = {}
@@ -315,8 +379,9 @@ def run_campaign(
                 desc="qfi",
                 unit="trial",
                 dynamic_ncols=True,
-                disable=None if progress is None else not progress,
+                disable=None if progress is None else not progress,  # None: only on a terminal
             )
+            stack.callback(bar.close)
             for (fmt_name, names), group in groups.items():
                 fmt = get_format(fmt_name)
                 with _format_session(cfg, model, fmt_name, names, calib) as session:
@@ -329,9 +394,6 @@ def run_campaign(
                             refresh=False,
                         )
                         bar.update(1)
-            bar.close()
-    finally:
-        detail.close()
 
     import pandas as pd
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from qfi.errors import QfiError
@@ -87,6 +88,20 @@ def parse_bits(spec: str | int | list | tuple | None, nbits: int) -> tuple[int, 
     return tuple(bits)
 
 
+def _int(key: str, value: Any) -> int:
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if not ok and isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    if not ok:
+        raise QfiError(f"{key} {value!r} must be an integer")
+    return int(value)
+
+
+def _unique(values: Any) -> tuple:
+    """``values`` in order, repeats dropped."""
+    return tuple(dict.fromkeys(values))
+
+
 def _tuple(value: Any, kind: str) -> tuple:
     if value is None:
         return ()
@@ -111,9 +126,13 @@ class CampaignConfig:
     sweep), or explicit positions ``"30"``, ``"0:7"``, ``"23,30,31"``.  ``flips`` adds conditions
     with an exact number of flips (at the chosen bit) instead of a rate.
 
-    For ``target="activations"`` the int scales are calibrated once on ``calibrate`` samples (the
-    training split of the embedded digits, else the first evaluation samples) and then frozen,
-    unless ``dynamic`` computes them on every forward.
+    For ``target="activations"`` the int scales are calibrated once on ``calibrate`` samples and
+    then frozen, unless ``dynamic`` computes them on every forward.  The calibration samples come
+    from ``calibrate_data`` (a data spec, e.g. ``imagefolder:<train dir>``) when given, else from
+    the training split of the embedded digits, else from the first evaluation samples (which then
+    also score the trials: fine for relative comparisons, optimistic for absolute accuracy).
+
+    Repeated formats, BERs, flip counts and name groups are dropped (a condition runs once).
     """
 
     model: str = "vit_digits"
@@ -135,17 +154,30 @@ class CampaignConfig:
     limit: int | None = None
     device: str = "auto"
     calibrate: int = 256
+    calibrate_data: str | None = None
     dynamic: bool = False
     out: str = "qfi-results"
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass normalisation
         set_("formats", _tuple(self.formats, "formats"))
-        set_("names", _tuple(self.names, "names") or ("",))
-        set_("ber", parse_bers(self.ber) if self.ber not in (None, (), []) else ())
-        set_("flips", tuple(int(f) for f in _tuple(self.flips, "flips")))
+        set_("names", _unique(str(n).strip() for n in _tuple(self.names, "names")) or ("",))
+        set_("ber", _unique(parse_bers(self.ber)) if self.ber not in (None, (), [], "") else ())
+        try:
+            set_("flips", _unique(int(f) for f in _tuple(self.flips, "flips")))
+        except ValueError:
+            raise QfiError(f"bad flip counts {self.flips!r}; allowed: integers >= 0, e.g. 1,10") from None
         set_("bits", "none" if self.bits is None else str(self.bits))
+        for k in ("reps", "seed", "batch_size", "limit", "calibrate", "image_size"):
+            v = getattr(self, k)
+            if v is None and k in ("limit", "image_size"):
+                continue
+            set_(k, _int(k, v))
+        if not isinstance(self.dynamic, bool):
+            raise QfiError(f"dynamic {self.dynamic!r} must be true or false")
+        for k in ("model", "exclude", "device", "out"):
+            if not isinstance(getattr(self, k), str):
+                raise QfiError(f"{k} {getattr(self, k)!r} must be a string")
         for k in ("mean", "std"):
             v = getattr(self, k)
             if v is not None:
@@ -159,12 +191,15 @@ class CampaignConfig:
             raise QfiError(f"unknown target {self.target!r}; allowed: {', '.join(TARGETS)}")
         if not self.formats:
             raise QfiError("no format given; e.g. formats: [fp32, fp16, bf16, q3.13, int8]")
+        canonical = []
         for name in self.formats:
             try:
-                fmt = get_format(name)
+                fmt = get_format(str(name))
             except FormatError as e:
                 raise QfiError(str(e)) from None
             parse_bits(self.bits, fmt.bits)
+            canonical.append(fmt.name)
+        set_("formats", _unique(canonical))
         for p in self.ber:
             if not (0.0 <= p <= 1.0) or math.isnan(p):
                 raise QfiError(f"BER {p!r} is outside [0, 1]")
@@ -179,10 +214,14 @@ class CampaignConfig:
             raise QfiError(f"batch_size {self.batch_size} must be >= 1")
         if self.limit is not None and self.limit < 1:
             raise QfiError(f"limit {self.limit} must be >= 1 (or null for the whole dataset)")
+        if self.calibrate < 1:
+            raise QfiError(f"calibrate {self.calibrate} must be >= 1 (samples for activation scales)")
+        if self.dynamic and self.target != "activations":
+            raise QfiError("dynamic applies to target 'activations' only (weight scales are per tensor)")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CampaignConfig:
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise QfiError(f"unknown campaign key(s) {unknown}; allowed: {', '.join(sorted(known))}")
@@ -191,7 +230,8 @@ class CampaignConfig:
     @classmethod
     def from_yaml(cls, path: str) -> CampaignConfig:
         """A campaign file (YAML keys = the fields), or a run's ``manifest.json`` (YAML reads
-        JSON), whose ``config`` reruns that campaign (give ``out`` to write elsewhere)."""
+        JSON), whose ``config`` reruns that campaign; its ``out`` is the manifest's own folder
+        (so a rerun resumes there), replace it to write elsewhere."""
         import yaml
 
         try:
@@ -204,12 +244,14 @@ class CampaignConfig:
         if not isinstance(d, dict):
             raise QfiError(f"{path}: a campaign file must be a mapping of keys to values")
         if "config" in d and "model_hash" in d:  # a manifest written by run_campaign
-            d = dict(d["config"])
-        return cls.from_dict(d)
+            d = dict(d["config"], out=str(Path(path).parent))
+        try:
+            return cls.from_dict(d)
+        except TypeError as e:  # a value of the wrong type, e.g. reps: [1]
+            raise QfiError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d.pop("extra")
         for k, v in d.items():
             if isinstance(v, tuple):
                 d[k] = list(v)

@@ -52,7 +52,7 @@ def parse_bits(bits: object) -> None | int | tuple[int, int] | frozenset[int]:
         if bits < 0:
             raise QfiError(f"bit {bits} is negative; bits are numbered from 0 (the LSB)")
         return bits
-    if isinstance(bits, tuple) and len(bits) == 2 and all(isinstance(b, int) for b in bits):
+    if isinstance(bits, tuple) and len(bits) == 2 and all(type(b) is int for b in bits):
         lo, hi = bits
         if not 0 <= lo <= hi:
             raise QfiError(f"bit range {bits!r} must satisfy 0 <= lo <= hi")
@@ -72,13 +72,14 @@ def resolve_bits(bits: object, nbits: int, fmt_name: str) -> Tensor:
     as read-only.
     """
     try:
-        return _resolve_bits_cached(bits, nbits, fmt_name)
+        # the spec's type is part of the key: ``True == 1 == 1.0`` hash alike, but only 1 is valid
+        return _resolve_bits_cached(type(bits), bits, nbits, fmt_name)
     except TypeError:  # unhashable spec (a list): resolve directly
         return _resolve_bits(bits, nbits, fmt_name)
 
 
 @functools.lru_cache(maxsize=256)
-def _resolve_bits_cached(bits: object, nbits: int, fmt_name: str) -> Tensor:
+def _resolve_bits_cached(_kind: type, bits: object, nbits: int, fmt_name: str) -> Tensor:
     return _resolve_bits(bits, nbits, fmt_name)
 
 

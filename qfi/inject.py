@@ -15,6 +15,9 @@ on exit every ``param.data`` becomes a fresh tensor of the original shape and st
 the bit-identical clean values; for other formats the originals are kept and put back.
 ``flat=False`` works on the tensors in place (fp32: no copy at all) and restores by undo (plus
 a copy of the originals for other formats); it is slower per trial on models of many tensors.
+A non-contiguous tensor then works on a contiguous copy and gets its original storage back.
+Sessions on the same tensor cannot nest (QfiError); an interrupted ``apply`` restores the
+words it wrote before the exception propagates.
 
 Activations.  ``with qfi.activations(model, "int8", calibrate=batches) as a:`` quantizes the
 output of each selected module in a forward hook and, while a fault is armed, flips sites in
@@ -27,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import weakref
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -81,17 +85,33 @@ def first_float(out: object) -> Tensor | None:
     return None
 
 
-def _owned(t: Tensor, inputs: object, module: nn.Module | None = None) -> bool:
+def _tensors_in(obj: object, out: list[Tensor], depth: int = 0) -> list[Tensor]:
+    """The tensors in ``obj`` and in the tuples, lists and dicts it nests (a few levels)."""
+    if isinstance(obj, Tensor):
+        out.append(obj)
+    elif depth < 4 and isinstance(obj, (tuple, list)):
+        for o in obj:
+            _tensors_in(o, out, depth + 1)
+    elif depth < 4 and isinstance(obj, dict):
+        for o in obj.values():
+            _tensors_in(o, out, depth + 1)
+    return out
+
+
+def _owned(t: Tensor, inputs: object, module: nn.Module | None = None, kwargs: object = None) -> bool:
     """Whether a module output may be overwritten in place: autograd does not track it and it
-    shares no storage with the module's inputs (``nn.Identity``, ``Dropout`` in eval and friends
-    return their input, which a residual branch may still read) or with its own parameters and
-    buffers.  (A view of a fresh intermediate, as ``nn.Linear`` returns for 3-D inputs, is fine.)"""
+    shares no storage with the module's inputs, positional or keyword, also inside tuples, lists
+    and dicts (``nn.Identity``, ``Dropout`` in eval and friends return their input, which a
+    residual branch may still read), nor with its own parameters, buffers and plain tensor
+    attributes (a positional table kept as ``self.pe`` and returned sliced).  (A view of a fresh
+    intermediate, as ``nn.Linear`` returns for 3-D inputs, is fine.)"""
     if t.requires_grad:
         return False
     ptr = t.untyped_storage().data_ptr()
-    others = [x for x in (inputs if isinstance(inputs, tuple) else ()) if isinstance(x, Tensor)]
+    others = _tensors_in(kwargs, _tensors_in(inputs, []))
     if module is not None:
         others += [*module.parameters(), *module.buffers()]
+        others += [v for v in vars(module).values() if isinstance(v, Tensor)]
     return all(x.untyped_storage().data_ptr() != ptr for x in others)
 
 
@@ -104,6 +124,22 @@ def _replace_first(out: object, new: Tensor) -> object:
             items[i] = new
             break
     return type(out)(items) if isinstance(out, list) else tuple(items)
+
+
+#: id(tensor) -> (weakref to it, description, weakref to its session) for every tensor in an
+#: entered WeightSession: a second session on the same tensor would silently detach the first
+_LIVE: dict[int, tuple[weakref.ref, str, weakref.ref]] = {}
+
+
+def _shared_storage(model: nn.Module) -> set[int]:
+    """Storage addresses that more than one distinct parameter/buffer object of ``model`` uses."""
+    seen: dict[int, int] = {}
+    out: set[int] = set()
+    for t in [*model.parameters(), *model.buffers()]:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr and seen.setdefault(ptr, id(t)) != id(t):
+            out.add(ptr)
+    return out
 
 
 def _flat_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -266,21 +302,39 @@ class WeightSession:
                 )
             if t.dtype not in _INT_VIEW:
                 raise QfiError(f"{n!r} has dtype {t.dtype}; supported: float32, float16, bfloat16, float64")
+            other = _LIVE.get(id(t))
+            owner = None if other is None or other[0]() is not t else other[2]()
+            if owner is not None and owner._active:
+                raise QfiError(
+                    f"{n!r} is already in an entered weight session ({other[1]}); sessions on the "
+                    "same tensors cannot nest: exit the other session first or select other names"
+                )
         self.space = _Space(self.names, [tuple(t.shape) for t in ts], fmt)
         self.numel = self.space.numel
         self.total_bits = self.numel * fmt.bits
         self._tensors = ts
         self._scales = [None] * len(ts)
         self._orig: list[Tensor] = []
+        self._kept: dict[int, Tensor] = {}
+        self._swapped: list[tuple[Tensor, Tensor]] = []
         with torch.no_grad():
             same = len({(t.device, t.dtype) for t in ts}) == 1
-            if self.flat and same:
+            self._use_flat = self.flat and same
+            if self._use_flat:
                 # fp32: the originals are not kept: each parameter's storage is released as soon as
                 # it is copied into the buffer, so a session holds one copy of the weights plus
                 # the undo log; __exit__ gives every parameter a fresh tensor of its original
-                # shape and strides with the bit-identical clean values.
+                # shape and strides with the bit-identical clean values.  A tensor sharing its
+                # storage with another tensor of the model (tied views, RNN flat weights) keeps
+                # its original storage instead, so the sharing survives the session.
                 self._layout = [(t.shape, t.stride()) for t in ts]
-                self._orig = [] if self._fp32 else [t.data for t in ts]
+                if self._fp32:
+                    shared = _shared_storage(self.model)
+                    self._kept = {
+                        i: t.data for i, t in enumerate(ts) if t.untyped_storage().data_ptr() in shared
+                    }
+                else:
+                    self._orig = [t.data for t in ts]
                 buf = _flat_buffer(self.numel, ts[0].dtype, ts[0].device)
                 done = 0
                 try:
@@ -291,21 +345,26 @@ class WeightSession:
                         t.data = view.view(t.shape)
                         done = i + 1
                         del c
-                except BaseException:  # only non-fp32 quantization can fail: put the originals back
-                    for t, o in zip(ts[:done], self._orig, strict=False):
-                        t.data = o
+                except BaseException:  # a quantization error, or an interrupt: put the tensors back
+                    if self._orig:
+                        for t, o in zip(ts[:done], self._orig, strict=False):
+                            t.data = o
+                    else:
+                        self._restore_fp32(ts[:done])
                     raise
                 self._segments = [(0, buf)]
             else:
+                # quantize first (this can fail): nothing is changed before it succeeded
                 clean = [t.detach() if self._fp32 else self._quantize(i, t) for i, t in enumerate(ts)]
-                self.flat = False
+                # in-place faults need contiguous words: a non-contiguous tensor works on a
+                # contiguous copy and gets its untouched original storage back on exit
+                self._swapped = [(t, t.data) for t in ts if not t.is_contiguous()]
+                for t, _ in self._swapped:
+                    t.data = t.data.contiguous()
                 if not self._fp32:
                     self._orig = [t.detach().clone() for t in ts]
                     for t, c in zip(ts, clean, strict=True):
                         t.detach().copy_(c)
-                for t in ts:
-                    if not t.is_contiguous():
-                        raise QfiError("weight tensors must be contiguous for in-place faults; use flat=True")
                 starts = self.space.starts
                 self._segments = [(s, t.detach().view(-1)) for s, t in zip(starts, ts, strict=True)]
         self._seg_starts = torch.tensor([s for s, _ in self._segments], dtype=torch.int64)
@@ -315,6 +374,9 @@ class WeightSession:
             if all(s is not None and s.numel() == 1 for s in sc)
             else None
         )
+        me = weakref.ref(self)
+        for t in ts:
+            _LIVE[id(t)] = (weakref.ref(t), f"{self.format.name}, {len(ts)} tensor(s)", me)
         self._active = True
         return self
 
@@ -330,24 +392,41 @@ class WeightSession:
             )
         return q.to(t.dtype)
 
+    def _restore_fp32(self, ts: list[Tensor]) -> None:
+        """fp32 flat: each tensor gets its kept original storage, else a fresh tensor of its
+        original shape and strides holding its current (clean) values."""
+        for i, t in enumerate(ts):
+            if i in self._kept:
+                t.data = self._kept[i]
+                continue
+            shape, stride = self._layout[i]
+            fresh = torch.empty_strided(shape, stride, dtype=t.dtype, device=t.device)
+            fresh.copy_(t.data)
+            t.data = fresh
+
     def __exit__(self, *exc: object) -> None:
+        if not self._active:
+            return
         try:
             if self._pending is not None:
                 self.undo()
         finally:
             with torch.no_grad():
-                if self.flat and self._orig:
+                if self._use_flat and self._orig:
                     for t, o in zip(self._tensors, self._orig, strict=True):
                         t.data = o
-                elif self.flat:  # fp32: fresh tensors with the original layout, clean values
-                    for t, (shape, stride) in zip(self._tensors, self._layout, strict=True):
-                        fresh = torch.empty_strided(shape, stride, dtype=t.dtype, device=t.device)
-                        fresh.copy_(t.data)
-                        t.data = fresh
+                elif self._use_flat:  # fp32: fresh tensors with the original layout, clean values
+                    self._restore_fp32(self._tensors)
                 elif self._orig:
                     for t, o in zip(self._tensors, self._orig, strict=True):
                         t.detach().copy_(o)
-            self._orig, self._segments, self._active = [], [], False
+                for t, o in self._swapped:
+                    t.data = o
+            for t in self._tensors:
+                entry = _LIVE.get(id(t))
+                if entry is not None and entry[2]() is self:
+                    del _LIVE[id(t)]
+            self._orig, self._kept, self._swapped, self._segments, self._active = [], {}, [], [], False
 
     # -- faults -------------------------------------------------------------------------------------
     def _check(self) -> None:
@@ -357,23 +436,64 @@ class WeightSession:
             raise QfiError("a fault is already applied; call undo() first (or use session.inject)")
 
     def apply(self, fault, generator: torch.Generator | None = None, seed: int | None = None) -> FaultLog:
-        """Apply ``fault`` once, in place; returns its FaultLog.  Cost O(flips)."""
+        """Apply ``fault`` once, in place; returns its FaultLog.  Cost O(flips).  If anything
+        goes wrong part-way (an error, a KeyboardInterrupt), the words written so far are
+        restored before the exception propagates."""
         self._check()
         elem, bit, value = self.space.sites(fault, make_generator(generator, seed))
         return self._apply_sites(elem, bit, value)
 
     def replay(self, log: FaultLog) -> FaultLog:
-        """Re-apply the bits of a saved log (same words, same codes as when it was made)."""
+        """Re-apply the bits of a saved log (same words, same codes as when it was made).
+
+        QfiError, with nothing changed, when the log cannot belong to this session: another
+        format, a name not selected, an index or bit out of range, or clean codes that differ
+        from the log's ``old_code`` (another checkpoint, or another scale).
+        """
         self._check()
-        pos = self.space.pos
+        fmt, pos = self.format, self.space.pos
+        if log.format and log.format != fmt.name:
+            raise QfiError(f"the log was made in format {log.format!r}; this session uses {fmt.name!r}")
         missing = [n for n in log.names if n not in pos]
         if missing:
             raise QfiError(f"log names {missing[0]!r}, which this session did not select")
+        cols = log.columns
         remap = torch.tensor([pos[n] for n in log.names] or [0], dtype=torch.int64)
-        tid = remap.index_select(0, log.columns["name_id"])
-        elem = self.space._starts_t.index_select(0, tid) + log.columns["index"]
-        e, b = odd_sites(elem, log.columns["bit"], parity=True)
-        return self._apply_sites(e, b, None)
+        tid = remap.index_select(0, cols["name_id"])
+        index, bits = cols["index"], cols["bit"]
+        sizes = torch.tensor(self.space.sizes, dtype=torch.int64).index_select(0, tid)
+        bad = ((index < 0) | (index >= sizes)).nonzero().flatten()
+        if bad.numel():
+            r = int(bad[0])
+            raise QfiError(
+                f"log row {r}: index {int(index[r])} is outside {self.names[int(tid[r])]!r} "
+                f"({int(sizes[r])} elements)"
+            )
+        bad = ((bits < 0) | (bits >= fmt.bits)).nonzero().flatten()
+        if bad.numel():
+            b = int(bits[int(bad[0])])
+            raise QfiError(f"log bit {b} is outside format {fmt.name!r}, whose bits are 0..{fmt.bits - 1}")
+        elem = self.space._starts_t.index_select(0, tid) + index
+        e, b = odd_sites(elem, bits, parity=True)
+        out = self._apply_sites(e, b, None)
+        # the words must hold the clean codes the log saw, else the replay is another fault
+        key = elem * 64 + bits
+        got = out.columns
+        got_key = self.space._starts_t.index_select(0, got["name_id"]) + got["index"]
+        got_key = got_key * 64 + got["bit"]
+        order, got_order = key.argsort(), got_key.argsort()
+        if torch.equal(key[order], got_key[got_order]):
+            want, have = cols["old_code"][order], got["old_code"][got_order]
+            diff = (want != have).nonzero().flatten()
+            if diff.numel():
+                r, d = int(order[int(diff[0])]), int(diff[0])
+                self.undo()
+                raise QfiError(
+                    f"log row {r} ({self.names[int(tid[r])]!r}[{int(index[r])}]): the log's old_code "
+                    f"{int(want[d]):#x} differs from this session's clean code {int(have[d]):#x}; "
+                    "was the log made on another checkpoint, format or calibration?"
+                )
+        return out
 
     def _apply_sites(self, elem: Tensor, bit: Tensor, value: int | None) -> FaultLog:
         words, inv, mask = word_masks(elem, bit)
@@ -381,44 +501,51 @@ class WeightSession:
             bounds = [0, words.numel()]
         else:
             bounds = torch.searchsorted(words, self._seg_starts).tolist() + [words.numel()]
-        olds, news, oldvs, newvs, undo = [], [], [], [], []
-        with torch.no_grad():
-            for k, (start, buf) in enumerate(self._segments):
-                a, b = bounds[k], bounds[k + 1]
-                if a == b:
-                    continue
-                dev = buf.device
-                w = words[a:b] if b - a != words.numel() else words
-                idx, m = (w - start if start else w), (mask[a:b] if b - a != mask.numel() else mask)
-                if dev.type != "cpu":
-                    idx, m = idx.to(dev), m.to(dev)
-                ints = buf.view(_INT_VIEW[buf.dtype])
-                raw = ints.index_select(0, idx)
-                if self._fp32:
-                    old = raw
-                    new = apply_mask(old, m, value)
-                    ints.index_copy_(0, idx, new)
-                    oldv, newv = old.view(torch.float32), new.view(torch.float32)
-                else:
-                    oldv = buf.index_select(0, idx).float()
-                    scale = self._elem_scale(w)
-                    scale = None if scale is None else scale.to(dev)
-                    enc = self.format.encode(oldv, scale)
-                    old = enc.qdata
-                    new = apply_mask(old, m, value)
-                    newv = self.format.decode(enc.replace(qdata=new))
-                    buf.index_copy_(0, idx, newv.to(buf.dtype))
-                undo.append((ints, idx, raw))
-                olds.append(old)
-                news.append(new)
-                oldvs.append(oldv)
-                newvs.append(newv)
+        olds, news, oldvs, newvs = [], [], [], []
+        # the undo log is pending before the first write and holds each word before it is
+        # written, so an exception (or a KeyboardInterrupt) part-way can restore everything
+        undo: list[tuple[Tensor, Tensor, Tensor]] = []
         self._pending = undo
-        cat = (lambda xs: torch.cat([x.cpu() for x in xs])) if len(olds) != 1 else (lambda xs: xs[0])
-        if not olds:
-            z = torch.empty(0, dtype=torch.int64)
-            return self.space.make_log(elem, bit, inv, z, z, z.float(), z.float(), value)
-        return self.space.make_log(elem, bit, inv, cat(olds), cat(news), cat(oldvs), cat(newvs), value)
+        try:
+            with torch.no_grad():
+                for k, (start, buf) in enumerate(self._segments):
+                    a, b = bounds[k], bounds[k + 1]
+                    if a == b:
+                        continue
+                    dev = buf.device
+                    w = words[a:b] if b - a != words.numel() else words
+                    idx, m = (w - start if start else w), (mask[a:b] if b - a != mask.numel() else mask)
+                    if dev.type != "cpu":
+                        idx, m = idx.to(dev), m.to(dev)
+                    ints = buf.view(_INT_VIEW[buf.dtype])
+                    raw = ints.index_select(0, idx)
+                    undo.append((ints, idx, raw))
+                    if self._fp32:
+                        old = raw
+                        new = apply_mask(old, m, value)
+                        ints.index_copy_(0, idx, new)
+                        oldv, newv = old.view(torch.float32), new.view(torch.float32)
+                    else:
+                        oldv = buf.index_select(0, idx).float()
+                        scale = self._elem_scale(w)
+                        scale = None if scale is None else scale.to(dev)
+                        enc = self.format.encode(oldv, scale)
+                        old = enc.qdata
+                        new = apply_mask(old, m, value)
+                        newv = self.format.decode(enc.replace(qdata=new))
+                        buf.index_copy_(0, idx, newv.to(buf.dtype))
+                    olds.append(old)
+                    news.append(new)
+                    oldvs.append(oldv)
+                    newvs.append(newv)
+            cat = (lambda xs: torch.cat([x.cpu() for x in xs])) if len(olds) != 1 else (lambda xs: xs[0])
+            if not olds:
+                z = torch.empty(0, dtype=torch.int64)
+                return self.space.make_log(elem, bit, inv, z, z, z.float(), z.float(), value)
+            return self.space.make_log(elem, bit, inv, cat(olds), cat(news), cat(oldvs), cat(newvs), value)
+        except BaseException:
+            self.undo()
+            raise
 
     def _elem_scale(self, words: Tensor) -> Tensor | None:
         """The clean scale of each global element in ``words`` (O(len(words)))."""
@@ -525,7 +652,9 @@ class ActivationSession:
         self._sizes: dict[object, list[int]] = {}
         self.log = FaultLog(self.names)
         self._handles = [self.model.register_forward_pre_hook(self._pre, with_kwargs=True)]
-        self._handles += [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self._mods)]
+        self._handles += [
+            m.register_forward_hook(self._hook(i), with_kwargs=True) for i, m in enumerate(self._mods)
+        ]
         try:
             if self._scaled and not self.dynamic:
                 self._run_calibration()
@@ -626,7 +755,10 @@ class ActivationSession:
             a += c
 
     def _probe_sizes(self, args: tuple, kwargs: dict) -> list[int]:
-        key = tuple((tuple(a.shape), a.dtype) if isinstance(a, Tensor) else type(a) for a in args)
+        def sig(a: object) -> object:
+            return (tuple(a.shape), a.dtype) if isinstance(a, Tensor) else type(a)
+
+        key = (tuple(sig(a) for a in args), tuple((k, sig(v)) for k, v in kwargs.items()))
         if key not in self._sizes:
             self._probe = [0] * len(self._mods)
             self._mode = "probe"
@@ -639,7 +771,7 @@ class ActivationSession:
         return self._sizes[key]
 
     def _hook(self, i: int):
-        def hook(_module: nn.Module, _inp: object, out: object) -> object:
+        def hook(_module: nn.Module, _inp: object, _kw: dict, out: object) -> object:
             t = first_float(out)
             if t is None or self._mode in ("off", "probe"):
                 if t is not None and self._mode == "probe" and not self._probe[i]:
@@ -655,7 +787,7 @@ class ActivationSession:
             if self._fp32 and t.dtype != torch.float32:
                 raise QfiError(f"activation {self.names[i]!r} is {t.dtype}; format 'fp32' needs float32")
             scale = self.format.choose_qparams(t.detach().float()) if self.dynamic else self._scales[i]
-            q = t if self._fp32 else self._quantize(t, scale, _owned(t, _inp, _module))
+            q = t if self._fp32 else self._quantize(t, scale, _owned(t, _inp, _module, _kw))
             if armed:
                 q = self._inject(i, q, scale)
             return _replace_first(out, q.to(t.dtype))

@@ -130,11 +130,17 @@ class FaultLog:
         if path.suffix == ".csv":
             import pandas as pd
 
-            df = pd.read_csv(path)
-            names = list(dict.fromkeys(df["name"].astype(str)))
+            # names stay strings ("0.weight", "nan"); an empty log has no rows to infer dtypes from
+            nan = {k: ["", "nan", "NaN"] for k in ("old_value", "new_value")}
+            df = pd.read_csv(path, dtype={"name": str}, keep_default_na=False, na_values=nan)
+            names = list(dict.fromkeys(df["name"]))
             pos = {n: i for i, n in enumerate(names)}
-            cols = {k: torch.as_tensor(df[k].to_numpy()) for k in COLUMNS if k != "name_id"}
-            cols["name_id"] = torch.tensor([pos[n] for n in df["name"].astype(str)], dtype=torch.int64)
+            np_dtype = {torch.int64: "int64", torch.float32: "float32"}
+            cols = {
+                k: torch.from_numpy(df[k].to_numpy(dtype=np_dtype[d], copy=True))
+                for k, d in COLUMNS.items() if k != "name_id"
+            }
+            cols["name_id"] = torch.tensor([pos[n] for n in df["name"]], dtype=torch.int64)
             return cls(names, cols)
         d = torch.load(path, weights_only=True)
         return cls(d["names"], d["columns"], d.get("format", ""), d.get("sites"))

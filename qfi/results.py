@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -76,21 +77,24 @@ def summarize(detail: pd.DataFrame) -> pd.DataFrame:
     return s
 
 
+def _write_csv(df: pd.DataFrame, path: Path) -> Path:
+    """Write through a temporary file, so a kill leaves the old file or the new one, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    df.to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n")
+    os.replace(tmp, path)
+    return path
+
+
 def write_tables(detail: pd.DataFrame, summary: pd.DataFrame, out: Path, plots: bool = True) -> list[Path]:
     """Write summary/per-bit/per-format CSVs (and PNG plots) next to ``detail.csv``."""
     out = Path(out)
-    written = []
-    fmt = "%.6g"
-    summary.to_csv(out / "summary.csv", index=False, float_format=fmt)
-    written.append(out / "summary.csv")
+    written = [_write_csv(summary, out / "summary.csv")]
     per_bit = summary[summary["bit"] >= 0] if not summary.empty else summary
     per_any = summary[summary["bit"] < 0] if not summary.empty else summary
     if not per_bit.empty:
-        per_bit.to_csv(out / "per_bit.csv", index=False, float_format=fmt)
-        written.append(out / "per_bit.csv")
+        written.append(_write_csv(per_bit, out / "per_bit.csv"))
     if not per_any.empty:
-        per_any.to_csv(out / "per_format.csv", index=False, float_format=fmt)
-        written.append(out / "per_format.csv")
+        written.append(_write_csv(per_any, out / "per_format.csv"))
     if plots:
         from qfi import plots as plotting
 

@@ -93,7 +93,8 @@ def gather_scale(
 ) -> Tensor | None:
     """The scale of each element ``flat_idx`` (indices into a contiguous tensor of ``shape``).
 
-    ``scale`` is broadcastable to ``shape``; the result is 1-D (one scale per index) or None.
+    ``scale`` is broadcastable to ``shape``; the result is 1-D (one scale per index) or None,
+    on ``scale``'s device (``flat_idx`` may live elsewhere, e.g. CPU sites for a CUDA scale).
     Never materialises the broadcast scale: cost is O(len(flat_idx)).
     """
     if scale is None:
@@ -103,7 +104,7 @@ def gather_scale(
     shape = tuple(shape)
     s = scale.reshape((1,) * (len(shape) - scale.dim()) + tuple(scale.shape))
     # index into the (small) scale tensor, dimension by dimension
-    rem = flat_idx.to(torch.int64)
+    rem = flat_idx.to(device=scale.device, dtype=torch.int64)
     s_idx = torch.zeros_like(rem)
     s_stride = 1
     for d in range(len(shape) - 1, -1, -1):

@@ -115,7 +115,11 @@ class IntSymmetric:
                 f"dimension(s), got shape {tuple(x32.shape)}"
             )
         dims = [d for d in range(x32.dim()) if d != g.axis]
-        return x32.abs().amax(dim=dims, keepdim=True) if dims else x32.abs()
+        if not dims:
+            return x32.abs()
+        if x32.numel() == 0:  # amax refuses to reduce an empty dimension: every channel is empty
+            return x32.new_zeros([n if d == g.axis else 1 for d, n in enumerate(x32.shape)])
+        return x32.abs().amax(dim=dims, keepdim=True)
 
     def choose_qparams(self, x: Tensor) -> Tensor:
         """float32 scale ``max|x| / qmax`` (clamped below at ``2**-126``), computed on clean ``x``."""

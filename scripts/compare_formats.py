@@ -13,6 +13,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from qfi.campaign import run_campaign  # noqa: E402
 from qfi.config import CampaignConfig  # noqa: E402
+from qfi.errors import QfiError  # noqa: E402
 
 
 def main() -> None:
@@ -22,9 +23,22 @@ def main() -> None:
     ap.add_argument("--target", default="weights", help="weights or activations")
     ap.add_argument("--names", default="")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N samples only")
+    ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="qfi-results/compare_formats")
     a = ap.parse_args()
-    cfg = CampaignConfig(formats=a.formats, ber=a.ber, names=a.names, target=a.target, reps=a.reps, out=a.out)
+    cfg = CampaignConfig(
+        formats=a.formats,
+        ber=a.ber,
+        names=a.names,
+        target=a.target,
+        reps=a.reps,
+        seed=a.seed,
+        limit=a.limit,
+        device=a.device,
+        out=a.out,
+    )
     res = run_campaign(cfg)
     table = res.summary.pivot_table(index="ber", columns="format", values="top1_mean", sort=False)
     clean = res.summary.groupby("format", sort=False)["clean_top1"].first()
@@ -36,4 +50,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except QfiError as e:  # a bad flag: the message names the value and what is allowed
+        raise SystemExit(f"{os.path.basename(__file__)}: error: {e}") from None

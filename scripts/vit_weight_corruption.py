@@ -19,6 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from qfi.campaign import run_campaign  # noqa: E402
 from qfi.config import CampaignConfig  # noqa: E402
+from qfi.errors import QfiError  # noqa: E402
 
 
 def main() -> None:
@@ -26,15 +27,19 @@ def main() -> None:
     ap.add_argument("--names", default="mlp,ln", help="words; a name containing any of them is corrupted")
     ap.add_argument("--exclude", default="")
     ap.add_argument("--ber", default="1e-10:1e-6")
-    ap.add_argument("--format", default="fp32")
+    ap.add_argument("--format", default="fp32", help="one format (model.csv has one row per rate)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--model", default="vit_digits")
     ap.add_argument("--weights", default=None)
     ap.add_argument("--data", default=None)
     ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N samples only")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="qfi-results/vit_weight_corruption")
     a = ap.parse_args()
+    if "," in a.format:
+        ap.error(f"--format {a.format!r}: give one format (run the script once per format)")
     cfg = CampaignConfig(
         model=a.model,
         weights=a.weights,
@@ -45,6 +50,8 @@ def main() -> None:
         exclude=a.exclude,
         reps=a.reps,
         batch_size=a.batch_size,
+        seed=a.seed,
+        limit=a.limit,
         device=a.device,
         out=a.out,
     )
@@ -67,4 +74,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except QfiError as e:  # a bad flag: the message names the value and what is allowed
+        raise SystemExit(f"{os.path.basename(__file__)}: error: {e}") from None

@@ -11,6 +11,7 @@ from qfi.campaign import plan, run_campaign
 from qfi.config import CampaignConfig
 from qfi.errors import QfiError
 from qfi.evaluate import Evaluator
+from qfi.results import DETAIL_COLUMNS
 
 LIMIT = 128  # evaluation samples: keeps every campaign here to a few seconds
 
@@ -154,3 +155,87 @@ def test_activation_campaign(tmp_path, model):
     clean = res.summary.set_index("format")["clean_top1"]
     assert clean["int8"] > 0.9  # int8 activation scales calibrated on the training split, then frozen
     assert (res.detail["target"] == "activations").all()
+
+
+def test_a_name_filter_matching_nothing_writes_nothing(tmp_path, model):
+    """A typo in a name group fails before any file is written (showing the nearest names), so the
+    folder is not claimed by a campaign that never ran and the corrected command just runs."""
+    bad = _cfg(tmp_path, "typo", names=("mlpp",), reps=1)
+    with pytest.raises(QfiError, match="'mlpp' matches no weights; did you mean 'mlp'"):
+        run_campaign(bad, model=model, progress=False, plots=False)
+    assert not (tmp_path / "typo" / "manifest.json").exists()
+    assert not (tmp_path / "typo" / "detail.csv").exists()
+    good = run_campaign(dataclasses.replace(bad, names=("mlp",)), model=model, progress=False, plots=False)
+    assert good.trials_run == 1
+
+
+def test_a_folder_without_finished_trials_is_not_claimed(tmp_path, model):
+    """A campaign killed before its first trial finished leaves a manifest and an empty detail.csv;
+    a different campaign may then use the folder (there is nothing to mix)."""
+    cfg = _cfg(tmp_path, "empty", reps=1)
+    run_campaign(cfg, model=model, progress=False, plots=False)
+    (tmp_path / "empty" / "detail.csv").write_text(",".join(DETAIL_COLUMNS) + "\n")
+    other = run_campaign(dataclasses.replace(cfg, ber=(1e-3,)), model=model, progress=False, plots=False)
+    assert other.trials_run == 1 and other.trials_resumed == 0
+
+
+def test_trials_without_their_manifest_or_with_other_seeds_are_refused(tmp_path, model):
+    """detail.csv rows can only be resumed when the manifest vouches for them and their seeds are the
+    planned ones; otherwise results of another campaign would be mixed in silently."""
+    cfg = _cfg(tmp_path, "m", reps=2)
+    run_campaign(cfg, model=model, progress=False, plots=False)
+    detail = tmp_path / "m" / "detail.csv"
+    text = detail.read_text()
+    (tmp_path / "m" / "manifest.json").unlink()
+    with pytest.raises(QfiError, match="manifest.json is missing.*--fresh"):
+        run_campaign(cfg, model=model, progress=False, plots=False)
+    run_campaign(cfg, model=model, progress=False, plots=False, fresh=True)
+    seed = next(iter(pd.read_csv(detail)["seed"]))
+    detail.write_text(text.replace(str(seed), "42"))
+    with pytest.raises(QfiError, match="other seeds"):
+        run_campaign(cfg, model=model, progress=False, plots=False)
+
+
+def test_fresh_campaign_removes_the_last_campaigns_tables(tmp_path, model):
+    """--fresh with a per-format campaign in a folder that held a per-bit one leaves no stale
+    per_bit.csv behind."""
+    cfg = _cfg(tmp_path, "f", bits="31", reps=1)
+    run_campaign(cfg, model=model, progress=False, plots=False)
+    assert (tmp_path / "f" / "per_bit.csv").exists()
+    run_campaign(dataclasses.replace(cfg, bits="none"), model=model, progress=False, plots=False, fresh=True)
+    assert not (tmp_path / "f" / "per_bit.csv").exists()
+    assert (tmp_path / "f" / "per_format.csv").exists()
+
+
+def test_kill_while_writing_the_summary_then_rerun_gives_the_same_bytes(tmp_path, model, monkeypatch):
+    """A kill after the trials, while the tables are written, loses nothing: the rerun evaluates
+    nothing and writes the bytes of an uninterrupted run; a table is replaced whole or not at all."""
+    import qfi.campaign as campaign
+
+    cfg = _cfg(tmp_path, "ref", formats=("fp32", "int8"), ber=(1e-5, 1e-4), reps=2)
+    ref = run_campaign(cfg, model=model, progress=False, plots=False)
+    names = ("detail.csv", "summary.csv", "per_format.csv")
+    want = {n: (tmp_path / "ref" / n).read_bytes() for n in names}
+    crash = dataclasses.replace(cfg, out=str(tmp_path / "s"))
+    real = campaign.write_tables
+
+    def dying(detail, summary, out, plots=True):
+        real(detail, summary, out, plots)
+        (out / "summary.csv.tmp").write_text("format,tar")  # the next write, half done
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(campaign, "write_tables", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_campaign(crash, model=model, progress=False, plots=False)
+    monkeypatch.undo()
+    assert (tmp_path / "s" / "summary.csv").read_bytes() == want["summary.csv"]
+    again = run_campaign(crash, model=model, progress=False, plots=False)
+    assert again.trials_run == 0 and again.evaluations == 0 and again.trials_resumed == len(ref.detail)
+    for name, data in want.items():
+        assert (tmp_path / "s" / name).read_bytes() == data, name
+
+
+def test_repeated_bit_positions_plan_once(tmp_path):
+    """'30,30' or overlapping ranges give each bit position one condition, not two under one seed."""
+    trials = plan(_cfg(tmp_path, "b", bits="29:30,30", reps=1))
+    assert [t.bit for t in trials] == [29, 30]

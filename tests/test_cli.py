@@ -82,16 +82,61 @@ def test_run_yaml(tmp_path):
         (["ber", "--names", "mlpp"], "mlpp"),
         (["bits", "--target", "neurons"], "neurons"),
         (["bits", "--model", "vit_digit"], "vit_digit"),
+        (["ber", "--data", "/no/such/dir"], r"unknown data '/no/such/dir'; allowed: 'digits', 'imagefolder"),
+        (["ber", "--model", "torch.nn:Identity", "--data", "imagefolder:/no/such"], "/no/such"),
+        (["ber", "--device", "tpu"], r"unknown device 'tpu'; allowed: auto, cpu, cuda"),
+        (["ber", "--target", "activations", "--calibrate", "0"], r"calibrate 0 must be >= 1"),
+        (["ber", "--flips", "x"], r"bad flip counts 'x'"),
     ],
 )
 def test_bad_flags_name_the_value(tmp_path, capsys, argv, match):
     """Bad flags exit with status 2 and a message naming the value and what is allowed."""
-    assert main([*argv, "--out", str(tmp_path / "o"), *FAST]) == 2
+    assert main([argv[0], *FAST, *argv[1:], "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "error" in err
     import re
 
     assert re.search(match, err), err
+
+
+def test_cuda_without_cuda_is_a_clear_error(tmp_path, capsys):
+    """--device cuda on a machine without CUDA says so and suggests --device cpu."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["ber", "--out", str(tmp_path / "o"), *FAST, "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["names", "bits", "formats", "ber", "run", "main"])
+def test_help_describes_every_flag(command, capsys):
+    """Every command has a description and every flag a help text; --help exits 0 and shows the
+    default output folder of the sweep commands."""
+    import argparse
+
+    from qfi.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    p = sub.choices[command]
+    assert p.description
+    for action in p._actions:
+        assert action.help, f"{command} {action.option_strings or action.dest} has no help"
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    if command in ("bits", "formats", "ber"):
+        assert f"(default qfi-results/{command})" in " ".join(capsys.readouterr().out.split())
+
+
+def test_main_job_writes_bits_and_formats(tmp_path):
+    """`qfi main` (what `bash run.sh` runs) writes the per-bit and the per-format campaign."""
+    out = tmp_path / "m"
+    assert main(["main", "--out", str(out), "--reps", "1", "--limit", "32", "--no-plots", "--quiet"]) == 0
+    bits = pd.read_csv(out / "bits" / "per_bit.csv")
+    assert len(bits) == 32 + 16 + 16 + 16 + 8  # fp32, fp16, bf16, q3.13, int8: one row per bit
+    per = pd.read_csv(out / "formats" / "per_format.csv")
+    assert sorted(set(per["ber"])) == [1e-7, 1e-6, 1e-5, 1e-4, 1e-3]
 
 
 def test_killed_campaign_resumes_to_identical_csvs(tmp_path):
@@ -109,12 +154,12 @@ def test_killed_campaign_resumes_to_identical_csvs(tmp_path):
         "256",
         "--device",
         "cpu",
-        "--quiet",
         "--no-plots",
     ]
     cmd = [sys.executable, "-m", "qfi.cli"]
     ref = tmp_path / "ref"
-    subprocess.run([*cmd, *args, "--out", str(ref)], check=True, env=env, capture_output=True)
+    r = subprocess.run([*cmd, *args, "--out", str(ref)], check=True, env=env, capture_output=True)
+    assert r.stderr == b"", "no progress bar (or anything else) on stderr when it is not a terminal"
     out = tmp_path / "killed"
     p = subprocess.Popen(
         [*cmd, *args, "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -185,6 +230,14 @@ def test_plug_in_model_and_image_folder(tmp_path, monkeypatch):
     assert len(d) == 2 and (d["flips"] > 0).all()
     manifest = (out / "manifest.json").read_text()
     assert "mymodel:build" in manifest and '"samples": 9' in manifest
+    # activation faults in int8, scales calibrated on a separate folder (the "train split")
+    act = [*argv, "--target", "activations", "--format", "int8", "--names", "1,3"]
+    act += ["--calibrate-data", f"imagefolder:{tmp_path / 'imgs'}", "--calibrate", "4", "--fresh"]
+    assert main(act) == 0
+    import json
+
+    calib = json.loads((out / "manifest.json").read_text())["calibration"]
+    assert calib == {"spec": f"imagefolder:{tmp_path / 'imgs'}", "samples": 4, "dynamic": False}
 
 
 def test_plug_in_model_without_data_is_a_clear_error(tmp_path, capsys):
@@ -193,13 +246,19 @@ def test_plug_in_model_without_data_is_a_clear_error(tmp_path, capsys):
     assert "imagefolder" in capsys.readouterr().err
 
 
-def test_manifest_reruns_the_campaign(tmp_path):
-    """`qfi run <out>/manifest.json --out other` reruns the recorded campaign: identical detail.csv."""
+def test_manifest_reruns_the_campaign(tmp_path, capsys, monkeypatch):
+    """`qfi run <out>/manifest.json --out other` reruns the recorded campaign: identical detail.csv;
+    without --out it resumes in the manifest's folder from any working directory (nothing to redo)."""
     first = tmp_path / "first"
     assert main(["bits", "--format", "int4", "--ber", "1e-3", "--out", str(first), *FAST]) == 0
     again = tmp_path / "again"
     assert main(["run", str(first / "manifest.json"), "--out", str(again), "--quiet"]) == 0
     assert (again / "detail.csv").read_bytes() == (first / "detail.csv").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["run", "first/manifest.json", "--quiet"]) == 0
+    assert "0 trials run, 8 resumed, 0 evaluations" in capsys.readouterr().out
+    assert not (tmp_path / "qfi-results").exists()
 
 
 def test_run_missing_or_bad_campaign_file(tmp_path, capsys):
@@ -210,3 +269,24 @@ def test_run_missing_or_bad_campaign_file(tmp_path, capsys):
     bad.write_text("- 1\n- 2\n")
     assert main(["run", str(bad)]) == 2
     assert "must be a mapping" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "script, args, written",
+    [
+        ("bit_sensitivity.py", ["--format", "int4"], "int4/per_bit.csv"),
+        ("compare_formats.py", ["--formats", "fp16,int8", "--ber", "1e-4,1e-3"], "per_format.csv"),
+        ("vit_weight_corruption.py", ["--ber", "1e-6:1e-4"], "model.csv"),
+    ],
+)
+def test_research_scripts_run_end_to_end(tmp_path, monkeypatch, capsys, script, args, written):
+    """The three research scripts run on the public API and write their tables."""
+    import runpy
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "scripts" / script
+    argv = [str(path), *args, "--reps", "2", "--limit", "48", "--device", "cpu", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(path), run_name="__main__")
+    assert (tmp_path / written).exists()
+    assert "->" in capsys.readouterr().out

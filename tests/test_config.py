@@ -61,3 +61,59 @@ def test_yaml_round_trip(tmp_path):
     p.write_text("formats: [fp32]\nbers: 1e-6\n")
     with pytest.raises(QfiError, match=r"unknown campaign key\(s\) \['bers'\]"):
         CampaignConfig.from_yaml(str(p))
+
+
+def test_example_campaign_file_lists_every_key():
+    """examples/campaign.yaml names every CampaignConfig field (so it documents them all) and loads."""
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(__file__).parent.parent / "examples" / "campaign.yaml"
+    keys = set(yaml.safe_load(path.read_text()))
+    assert keys == {f.name for f in dataclasses.fields(CampaignConfig)}
+    cfg = CampaignConfig.from_yaml(str(path))
+    assert cfg.names == ("mlp,ln", "self_attention") and cfg.ber == (1e-6, 1e-5, 1e-4, 1e-3)
+
+
+def test_repeated_conditions_run_once_and_format_names_are_canonical():
+    """Repeated formats (any case), BERs, flip counts and name groups are dropped, order kept:
+    otherwise a condition would get twice the trials under one seed."""
+    cfg = CampaignConfig(formats="fp32,FP32,int8", ber="1e-6,1e-6,1e-5", flips=(3, 3), names=("mlp", "mlp"))
+    assert cfg.formats == ("fp32", "int8")
+    assert cfg.ber == (1e-6, 1e-5) and cfg.flips == (3,) and cfg.names == ("mlp",)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"reps": "five"}, r"reps 'five' must be an integer"),
+        ({"reps": [1]}, r"reps \[1\] must be an integer"),
+        ({"limit": 2.5}, r"limit 2\.5 must be an integer"),
+        ({"dynamic": "yes"}, r"dynamic 'yes' must be true or false"),
+        ({"dynamic": True}, r"dynamic applies to target 'activations' only"),
+        ({"target": "activations", "calibrate": 0}, r"calibrate 0 must be >= 1"),
+        ({"flips": "a,b"}, r"bad flip counts 'a,b'"),
+        ({"device": 0}, r"device 0 must be a string"),
+    ],
+)
+def test_wrongly_typed_yaml_values_are_errors_not_tracebacks(kwargs, match):
+    """YAML gives strings, lists and floats where integers are meant: QfiError naming key and value."""
+    with pytest.raises(QfiError, match=match):
+        CampaignConfig(**kwargs)
+    assert CampaignConfig(reps="3").reps == 3  # a quoted integer is fine
+
+
+def test_manifest_config_reruns_in_its_own_folder(tmp_path):
+    """A manifest's config is a full CampaignConfig; loaded from <dir>/manifest.json its out is <dir>,
+    wherever the manifest was written from, so `qfi run <dir>/manifest.json` resumes there."""
+    import json
+
+    cfg = CampaignConfig(formats=("int8",), ber=1e-4, out="somewhere/else")
+    d = tmp_path / "run1"
+    d.mkdir()
+    (d / "manifest.json").write_text(json.dumps({"config": cfg.to_dict(), "model_hash": "x"}))
+    again = CampaignConfig.from_yaml(str(d / "manifest.json"))
+    assert again.out == str(d)
+    assert again.identity() == cfg.identity()

@@ -116,3 +116,14 @@ def test_generator_and_seed() -> None:
         make_generator(torch.Generator(), 1)
     g = torch.Generator()
     assert make_generator(g) is g
+
+
+def test_cached_bit_specs_keep_their_type() -> None:
+    """resolve_bits is cached, but True and 1.0 (equal and hash-equal to 1) are still refused after
+    1 was resolved, and a (lo, hi) range may not hold bools."""
+    assert resolve_bits(1, 8, "int8").tolist() == [1]
+    for bad in (True, 1.0):
+        with pytest.raises(qfi.QfiError, match="bits must be an int"):
+            resolve_bits(bad, 8, "int8")
+    with pytest.raises(qfi.QfiError):
+        parse_bits((True, 3))

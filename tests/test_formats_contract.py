@@ -300,3 +300,25 @@ def test_registry_parses_parameters():
     with pytest.raises(FormatError, match="got int"):
         get_format(8)  # type: ignore[arg-type]
     assert isinstance(FormatError("x"), ValueError)
+
+
+@pytest.mark.parametrize("shape", [(0,), (4, 0), (0, 3, 2)])
+def test_zero_size_tensors(fmt, shape):
+    """Empty tensors (a zero-size weight) get a scale and encode/decode to empty tensors of their
+    shape; a per-channel scale has one (smallest) entry per channel, even when channels are empty."""
+    x = torch.empty(shape)
+    scale = fmt.choose_qparams(x)
+    enc = fmt.encode(x, scale)
+    assert enc.qdata.shape == x.shape and fmt.decode(enc).shape == x.shape
+    if isinstance(fmt, IntSymmetric) and isinstance(fmt.granularity, PerChannel):
+        assert scale.shape == (shape[0],) + (1,) * (len(shape) - 1)
+        assert bool((scale == 2.0**-126).all())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gather_scale_with_cpu_indices_for_a_cuda_scale():
+    """The fault layer samples sites on the CPU: gather_scale accepts CPU indices for a CUDA
+    per-channel scale and returns the scales on the scale's device."""
+    scale = torch.rand(4, 1, device="cuda") + 0.1
+    got = gather_scale(scale, (4, 3), torch.tensor([0, 5, 11]))
+    assert got.is_cuda and torch.equal(got.cpu(), scale.cpu().reshape(-1)[[0, 1, 3]])

@@ -325,3 +325,226 @@ def test_activation_quantize_never_overwrites_a_parameter() -> None:
         out = m(torch.zeros(1))
     assert torch.equal(m[0].w.detach(), before)
     assert not torch.equal(out, before)  # the output itself was quantized
+
+
+# -- review regressions: logs on disk, replay checks, interrupts, nesting, layouts, aliasing -------------
+@pytest.mark.parametrize("fmt", ["fp32", "int8", "int8_per_channel", "fp16"])
+@pytest.mark.parametrize("ext", [".csv", ".pt"])
+def test_saved_log_replays_the_same_corruption(model: nn.Module, fmt: str, ext: str, tmp_path) -> None:
+    """save -> load -> replay writes exactly the faulty bits of the original apply, and the loaded
+    log has the original rows (bit for bit in .pt; in CSV every NaN reads back as NaN), inf and
+    bit-31 codes included; an empty log round-trips too."""
+    with qfi.weights(model, fmt) as w:
+        log = w.apply(qfi.FlipCount(40, bits=(fmt == "fp32" and (24, 31)) or None), seed=3)
+        faulty = bits_of(model)
+        w.undo()
+        path = tmp_path / f"log{ext}"
+        log.save(path)
+        back = qfi.FaultLog.load(path)
+        a, b = log.to_frame(), back.to_frame()
+        assert list(a.name.astype(str)) == list(b.name.astype(str))
+        for k, v in log.columns.items():
+            got = back.columns[k]
+            assert got.dtype == v.dtype
+            if k == "name_id":
+                continue
+            if ext == ".pt" or not v.is_floating_point():
+                assert torch.equal(got.view(torch.int32), v.view(torch.int32)) if v.is_floating_point() \
+                    else torch.equal(got, v)
+            else:
+                assert torch.equal(got.isnan(), v.isnan()) and torch.equal(got.nan_to_num(), v.nan_to_num())
+        assert back.format == (fmt if ext == ".pt" else "")
+        w.replay(back)
+        assert same_bits(bits_of(model), faulty)
+        w.undo()
+        empty = w.apply(qfi.FlipCount(0))
+        w.undo()
+        empty.save(tmp_path / f"empty{ext}")
+        assert qfi.FaultLog.load(tmp_path / f"empty{ext}").flips == 0
+
+
+def test_replay_refuses_logs_of_another_session(model: nn.Module) -> None:
+    """A log of another format, with a bit or index out of range, or made on other clean codes
+    raises QfiError naming the problem, and leaves the model unchanged."""
+    with qfi.weights(model, "fp32") as w:
+        log32 = w.apply(qfi.FlipCount(5, bits=30), seed=1)
+        w.undo()
+    with qfi.weights(model, "int8") as w:
+        clean = bits_of(model)
+        with pytest.raises(qfi.QfiError, match="made in format 'fp32'; this session uses 'int8'"):
+            w.replay(log32)
+        cols = dict(log32.columns)
+        with pytest.raises(qfi.QfiError, match=r"log bit 30 is outside format 'int8', whose bits are 0\.\.7"):
+            w.replay(qfi.FaultLog(log32.names, cols))
+        name = w.names[0]
+        bad = {k: v[:1].clone() for k, v in cols.items()}
+        bad["name_id"][0], bad["bit"][0], bad["index"][0] = 0, 1, 10**6
+        with pytest.raises(qfi.QfiError, match=r"index 1000000 is outside"):
+            w.replay(qfi.FaultLog([name], bad))
+        log8 = w.apply(qfi.FlipCount(5), seed=2)
+        w.undo()
+        assert same_bits(bits_of(model), clean)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-1.5)  # another checkpoint: other clean codes at the logged sites
+    with qfi.weights(model, "int8") as w:
+        clean = bits_of(model)
+        with pytest.raises(qfi.QfiError, match="old_code .* differs from this session's clean code"):
+            w.replay(log8)
+        assert same_bits(bits_of(model), clean) and w._pending is None
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int8"])
+def test_interrupt_mid_apply_restores_bit_exact(model: nn.Module, fmt: str, monkeypatch) -> None:
+    """A KeyboardInterrupt after some words were written (second tensor of a flat=False session)
+    restores them before propagating; the session stays usable."""
+    import qfi.inject as inj
+
+    real, calls = inj.apply_mask, []
+
+    def flaky(codes, mask, value):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(codes, mask, value)
+
+    with qfi.weights(model, fmt, flat=False) as w:
+        clean = bits_of(model)
+        monkeypatch.setattr(inj, "apply_mask", flaky)
+        with pytest.raises(KeyboardInterrupt):
+            w.apply(qfi.BitFlip(ber=1e-2), seed=0)
+        monkeypatch.setattr(inj, "apply_mask", real)
+        assert len(calls) == 2 and w._pending is None and same_bits(bits_of(model), clean)
+        with w.inject(qfi.FlipCount(3), seed=1) as log:
+            assert log.flips == 3
+
+
+def test_nested_sessions_on_the_same_tensors_raise(model: nn.Module) -> None:
+    """A second weight session on tensors of an entered one raises QfiError (it would detach the
+    first); disjoint selections may nest; everything restores bit-exact."""
+    orig = bits_of(model)
+    with qfi.weights(model, "fp32", names="mlp") as outer:
+        with pytest.raises(qfi.QfiError, match="already in an entered weight session"):
+            with qfi.weights(model, "int8"):
+                pass
+        with qfi.weights(model, "int8", names="ln_") as inner, inner.inject(qfi.FlipCount(4), seed=0):
+            with outer.inject(qfi.FlipCount(4), seed=0) as log:
+                assert log.flips == 4
+    assert same_bits(bits_of(model), orig)
+    with qfi.weights(model, "int8"):  # the marks are gone after exit
+        pass
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int8"])
+def test_non_contiguous_weights_without_flat(fmt: str) -> None:
+    """flat=False (and mixed dtypes, which cannot share one flat buffer) accept a non-contiguous
+    weight: faults land in the live weight, and its layout and bits come back on exit; a failed
+    enter changes nothing."""
+    lin = nn.Linear(5, 3)
+    lin.weight = nn.Parameter(torch.randn(5, 3).t())
+    lin.register_buffer("extra", torch.randn(3, dtype=torch.float64))
+    before = {n: t.detach().clone() for n, t in lin.state_dict().items()}
+    stride = lin.weight.stride()
+    names = "weight,bias" if fmt == "fp32" else "weight,bias,extra"  # fp32 needs float32
+    for flat in (False, True):
+        with qfi.weights(lin, fmt, names=names, flat=flat) as w:
+            clean = lin.weight.detach().clone()
+            with w.inject(qfi.FlipSites((("weight", 4, 30 if fmt == "fp32" else 7),))):
+                assert not torch.equal(lin.weight.detach(), clean)
+        assert lin.weight.stride() == stride
+        for n, t in lin.state_dict().items():
+            assert torch.equal(t.contiguous().view(torch.int8), before[n].contiguous().view(torch.int8))
+
+
+def test_fp32_flat_keeps_storage_shared_between_parameters() -> None:
+    """Two parameters viewing one storage (as RNN flat weights do) still share it after an fp32
+    flat session, with their original bits."""
+    base = torch.randn(20)
+    m = nn.Module()
+    m.a = nn.Parameter(base[:10].view(2, 5))
+    m.b = nn.Parameter(base[10:].view(2, 5))
+    m.c = nn.Parameter(torch.randn(3))
+    ptr = m.a.untyped_storage().data_ptr()
+    before = base.clone()
+    with qfi.weights(m, "fp32") as w, w.inject(qfi.FlipCount(6), seed=0):
+        pass
+    assert m.a.untyped_storage().data_ptr() == ptr == m.b.untyped_storage().data_ptr()
+    assert torch.equal(torch.cat([m.a.detach().reshape(-1), m.b.detach().reshape(-1)]), before)
+
+
+def test_activation_quantize_never_overwrites_keyword_inputs_or_attributes() -> None:
+    """Outputs aliasing a keyword input (inside a dict) or a plain tensor attribute are not
+    quantized in place: the input and the table keep their values."""
+
+    class Pick(nn.Module):
+        def forward(self, *, feats: dict) -> torch.Tensor:
+            return feats["x"][1:]  # a view of a keyword input
+
+    class Table(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pe = torch.randn(8, 4) * 10  # not a buffer
+
+        def forward(self, n: int) -> torch.Tensor:
+            return self.pe[:n]
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pick, self.table = Pick(), Table()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.pick(feats={"x": x}).sum() + self.table(4).sum()
+
+    m = M()
+    x = torch.randn(6) * 10
+    pe = m.table.pe.clone()
+    with torch.no_grad(), qfi.activations(m, "int8", dynamic=True):
+        y = m(x.clone())
+    f = get_format("int8")
+    want = x + f.quantize(x[1:]).sum() + f.quantize(pe[:4]).sum()
+    assert torch.equal(m.table.pe, pe) and torch.equal(y, want)
+
+
+def test_activation_plans_follow_keyword_input_shapes() -> None:
+    """FlipCount sites are planned from the output sizes of the current input shapes, also when
+    the shape comes in as a keyword argument."""
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, *, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x)
+
+    m = M()
+    with torch.no_grad(), qfi.activations(m, "fp16") as act, act.inject(qfi.FlipCount(7), seed=0) as log:
+        m(x=torch.randn(1, 4))
+        m(x=torch.randn(50, 4))
+        idx = log.index[log.call == 1]
+    assert log.flips == 14 and 4 <= int(idx.max()) < 200 and int(log.index[log.call == 0].max()) < 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", ["fp32", "int8", "int8_per_channel", "fp16"])
+def test_cuda_weight_and_activation_faults(model: nn.Module, fmt: str) -> None:
+    """On CUDA (sites sampled on the CPU): logs equal the CPU session's, restore is bit-exact,
+    activation faults run with CPU sites and CUDA outputs."""
+    with qfi.weights(model, fmt) as w:
+        cpu_log = w.apply(qfi.FlipCount(30), seed=4).to_frame()
+    model = model.cuda()
+    orig = bits_of(model)
+    with qfi.weights(model, fmt) as w, w.inject(qfi.FlipCount(30), seed=4) as log:
+        assert log.to_frame().drop(columns=["old_value", "new_value"]).equals(
+            cpu_log.drop(columns=["old_value", "new_value"]))
+    assert same_bits(bits_of(model), orig)
+    if fmt == "int8_per_channel":
+        return
+    x = torch.randn(4, 1, 8, 8, device="cuda")
+    with torch.no_grad(), qfi.activations(model, fmt, calibrate=[x]) as act:
+        with act.inject(qfi.FlipCount(5), seed=0) as alog:
+            model(x)
+        with act.inject(qfi.BitFlip(ber=1e-4), seed=0):
+            model(x)
+    assert alog.flips == 5
