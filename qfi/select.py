@@ -138,8 +138,8 @@ def activation_modules(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-_HINT_W = "list all names with qfi.list_names(model, 'weights')"
-_HINT_A = "list all names with qfi.list_names(model, 'activations')"
+_HINT_W = "list all names with `qfi names` or qfi.list_names(model, 'weights')"
+_HINT_A = "list all names with `qfi names --target activations` or qfi.list_names(model, 'activations')"
 
 
 def select_weights(model: nn.Module, names: object = None, exclude: object = None) -> list[str]:
