@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -105,8 +106,7 @@ def plan(cfg: CampaignConfig) -> list[Trial]:
                 for fault, ber, count in conds:
                     for rep in range(cfg.reps):
                         t = Trial(len(trials), fmt.name, names, fault, ber, count, bit, rep, 0)
-                        seed = trial_seed(cfg.seed, t.key(cfg.target))
-                        trials.append(Trial(t.index, fmt.name, names, fault, ber, count, bit, rep, seed))
+                        trials.append(dataclasses.replace(t, seed=trial_seed(cfg.seed, t.key(cfg.target))))
     return trials
 
 
@@ -155,7 +155,12 @@ def _finished_rows(path: Path) -> dict[tuple[str, ...], dict[str, str]]:
     rows = list(reader)
     if rows and list(reader.fieldnames or ()) != list(DETAIL_COLUMNS):
         raise QfiError(f"{path} has other columns than this version of qfi writes; use --fresh")
-    return {tuple(r[c] for c in KEY_COLUMNS): r for r in rows}
+    return {_row_key(r): r for r in rows}
+
+
+def _row_key(row: dict[str, str]) -> tuple[str, ...]:
+    """A detail.csv row's trial key (equal to ``Trial.key`` of the trial that wrote it)."""
+    return tuple(row[c] for c in KEY_COLUMNS)
 
 
 class _DetailLog:
@@ -163,7 +168,6 @@ class _DetailLog:
 
     def __init__(self, path: Path, done: dict[tuple[str, ...], dict[str, str]]) -> None:
         self.path = path
-        self.done = done
         new = not done
         if not new:  # drop a half-written last line before appending
             raw = path.read_bytes()
@@ -203,7 +207,8 @@ def _same_campaign(old: dict[str, Any], cfg: CampaignConfig, mhash: str) -> bool
     return same and old.get("model_hash") == mhash
 
 
-def _select(cfg: CampaignConfig, model: nn.Module, names: str) -> tuple[str | None, str | None]:
+def _filters(cfg: CampaignConfig, names: str) -> tuple[str | None, str | None]:
+    """(include, exclude) for one name group: an empty string selects everything."""
     return (names or None), (cfg.exclude or None)
 
 
@@ -211,7 +216,7 @@ def _check_names(cfg: CampaignConfig, model: nn.Module) -> None:
     """Every name group selects something (QfiError with the nearest names otherwise)."""
     select = qfi.select_weights if cfg.target == "weights" else qfi.select_modules
     for names in cfg.names:
-        include, exclude = _select(cfg, model, names)
+        include, exclude = _filters(cfg, names)
         select(model, names=include, exclude=exclude)
 
 
@@ -219,7 +224,7 @@ def _check_names(cfg: CampaignConfig, model: nn.Module) -> None:
 def _format_session(
     cfg: CampaignConfig, model: nn.Module, fmt_name: str, names: str, calib: list[torch.Tensor]
 ) -> Iterator[Any]:
-    include, exclude = _select(cfg, model, names)
+    include, exclude = _filters(cfg, names)
     if cfg.target == "weights":
         with qfi.weights(model, fmt_name, names=include, exclude=exclude) as s:
             yield s
@@ -323,6 +328,7 @@ def run_campaign(
         }
 
     trials = plan(cfg)
+    keyed = {t.key(cfg.target): t for t in trials}  # plan order
     _check_names(cfg, model)  # a name filter matching nothing fails before anything is written
     manifest_path, detail_path = out / "manifest.json", out / "detail.csv"
     mhash = model_hash(model)
@@ -343,7 +349,7 @@ def run_campaign(
                 f"{out} holds results of a different campaign (config or model differ); "
                 "use another --out or --fresh to overwrite"
             )
-        seeds = {t.key(cfg.target): str(t.seed) for t in trials}
+        seeds = {k: str(t.seed) for k, t in keyed.items()}
         if any(k in seeds and r["seed"] != seeds[k] for k, r in done.items()):
             raise QfiError(f"{detail_path} holds trials with other seeds; use another --out or --fresh")
     if not done:  # a fresh campaign must not leave an earlier one's tables and plots behind
@@ -364,8 +370,8 @@ def run_campaign(
     os.replace(tmp, manifest_path)
 
     detail = _DetailLog(detail_path, done)
-    resumed = sum(1 for t in trials if t.key(cfg.target) in detail.done)
-    todo = [t for t in trials if t.key(cfg.target) not in detail.done]
+    todo = [t for k, t in keyed.items() if k not in done]
+    resumed = len(keyed) - len(todo)
     evals_before = evaluator.calls
     with contextlib.ExitStack() as stack:
         stack.callback(detail.close)
@@ -398,11 +404,9 @@ def run_campaign(
     import pandas as pd
 
     # Canonical order (plan order) so a resumed run writes exactly the same file.
-    order = {t.key(cfg.target): t.index for t in trials}
     with open(out / "detail.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    rows = [r for r in rows if tuple(r[c] for c in KEY_COLUMNS) in order]
-    rows.sort(key=lambda r: order[tuple(r[c] for c in KEY_COLUMNS)])
+        rows = [r for r in csv.DictReader(f) if _row_key(r) in keyed]
+    rows.sort(key=lambda r: keyed[_row_key(r)].index)
     tmp = out / "detail.csv.tmp"
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")

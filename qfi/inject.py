@@ -369,6 +369,7 @@ class WeightSession:
                 self._segments = [(s, t.detach().view(-1)) for s, t in zip(starts, ts, strict=True)]
         self._seg_starts = torch.tensor([s for s, _ in self._segments], dtype=torch.int64)
         sc = self._scales
+        self._scaled = any(s is not None for s in sc)  # fixed for the session: not re-checked per trial
         self._scale_table = (
             torch.stack([s.reshape(()).float().cpu() for s in sc])
             if all(s is not None and s.numel() == 1 for s in sc)
@@ -526,7 +527,7 @@ class WeightSession:
                         ints.index_copy_(0, idx, new)
                         oldv, newv = old.view(torch.float32), new.view(torch.float32)
                     else:
-                        oldv = buf.index_select(0, idx).float()
+                        oldv = raw.view(buf.dtype).float()
                         scale = self._elem_scale(w)
                         scale = None if scale is None else scale.to(dev)
                         enc = self.format.encode(oldv, scale)
@@ -549,7 +550,7 @@ class WeightSession:
 
     def _elem_scale(self, words: Tensor) -> Tensor | None:
         """The clean scale of each global element in ``words`` (O(len(words)))."""
-        if all(s is None for s in self._scales):
+        if not self._scaled:
             return None
         tid, idx = self.space.locate(words)
         if self._scale_table is not None:

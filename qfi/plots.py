@@ -29,15 +29,7 @@ def _pyplot():
 def bit_role(fmt_name: str, bit: int) -> str:
     from quant_schemes import get_format
 
-    fmt = get_format(fmt_name)
-    roles = getattr(fmt, "bit_roles", None)
-    if roles is not None:
-        return roles[bit]
-    name = fmt.bit_names[bit]
-    for role in ROLE_COLOURS:
-        if name.startswith(role[:3]):
-            return role
-    return "magnitude"
+    return get_format(fmt_name).bit_roles[bit]
 
 
 def _err(df: pd.DataFrame) -> np.ndarray:
