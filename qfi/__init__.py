@@ -4,11 +4,12 @@
 ...     accuracy = evaluate(model)
 """
 
+from qfi.activation_session import ActivationSession, activations
 from qfi.errors import QfiError
 from qfi.faults import BitFlip, Fault, FlipCount, FlipSites, StuckAt, parse_bits
-from qfi.inject import ActivationSession, WeightSession, activations, weights
 from qfi.log import FaultLog
 from qfi.select import NameFilter, NameInfo, list_names, select_modules, select_weights
+from qfi.weight_session import WeightSession, weights
 
 __all__ = [
     "ActivationSession",

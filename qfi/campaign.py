@@ -13,7 +13,9 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
+import io
 import json
+import logging
 import os
 import platform
 import time
@@ -27,10 +29,12 @@ from torch import nn
 
 import qfi
 from qfi.config import CampaignConfig, parse_bits
-from qfi.errors import QfiError
+from qfi.errors import Interrupted, NonFiniteBaseline, OutputFolderBusy, QfiError
 from qfi.evaluate import EvalResult, Evaluator
 from qfi.results import DETAIL_COLUMNS, summarize, write_tables
 from quant_schemes import get_format
+
+log = logging.getLogger("qfi")
 
 KEY_COLUMNS = ("format", "target", "names", "fault", "ber", "count", "bit", "rep")
 
@@ -122,10 +126,19 @@ class CampaignResult:
 
 
 def model_hash(model: nn.Module) -> str:
+    """A short hash of the state dict: names, dtypes, shapes and bytes of every tensor (0-d ones,
+    such as BatchNorm's ``num_batches_tracked``, included)."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        if not isinstance(t, torch.Tensor):  # extra state of a custom module
+            h.update(repr(t).encode())
+            continue
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        flat = t.detach().cpu().contiguous().reshape(-1)
+        if flat.is_quantized:
+            flat = flat.int_repr()
+        h.update(flat.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -144,18 +157,55 @@ def _versions() -> dict[str, str]:
     }
 
 
+_INT_COLUMNS = ("count", "bit", "rep", "seed", "flips", "evaluated")
+_TEXT_COLUMNS = ("format", "target", "names", "fault", "bit_name")
+
+
 def _finished_rows(path: Path) -> dict[tuple[str, ...], dict[str, str]]:
-    """The complete rows of an existing ``detail.csv`` by trial key (a half-written last line,
-    left by a kill, is ignored)."""
+    """The complete rows of an existing ``detail.csv`` by trial key, the first of duplicated keys
+    kept (a half-written last line, left by a kill, is ignored).  A row that is not what qfi
+    writes (hand-edited, truncated in the middle, another tool's file) is a QfiError naming the
+    file, the line and the column."""
     if not path.exists():
         return {}
     raw = path.read_bytes()
     raw = raw[: raw.rfind(b"\n") + 1]  # killed mid-line: drop the partial row
-    reader = csv.DictReader(raw.decode().splitlines())
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise QfiError(f"{path} is not a text CSV; use another --out or --fresh") from None
+    reader = csv.DictReader(text.splitlines())
     rows = list(reader)
-    if rows and list(reader.fieldnames or ()) != list(DETAIL_COLUMNS):
+    if (rows or reader.fieldnames) and list(reader.fieldnames or ()) != list(DETAIL_COLUMNS):
         raise QfiError(f"{path} has other columns than this version of qfi writes; use --fresh")
-    return {_row_key(r): r for r in rows}
+    done: dict[tuple[str, ...], dict[str, str]] = {}
+    for line, r in enumerate(rows, start=2):
+        _check_row(path, line, r)
+        done.setdefault(_row_key(r), r)
+    return done
+
+
+def _check_row(path: Path, line: int, r: dict[str, Any]) -> None:
+    def bad(col: str, why: str) -> QfiError:
+        return QfiError(
+            f"{path}, line {line}: column {col!r} {why}; the file was edited or is corrupt: "
+            "fix or delete that line, or start over with --fresh"
+        )
+
+    if None in r or any(v is None for v in r.values()):
+        raise bad("(row)", "has another number of fields than the header")
+    for c in DETAIL_COLUMNS:
+        v = r[c]
+        if c in _TEXT_COLUMNS:
+            continue
+        try:
+            if c in _INT_COLUMNS:
+                int(v)
+            else:
+                float(v)
+        except ValueError:
+            kind = "an integer" if c in _INT_COLUMNS else "a number"
+            raise bad(c, f"holds {v!r}, not {kind}") from None
 
 
 def _row_key(row: dict[str, str]) -> tuple[str, ...]:
@@ -164,18 +214,22 @@ def _row_key(row: dict[str, str]) -> tuple[str, ...]:
 
 
 class _DetailLog:
-    """``detail.csv`` opened for appending, one flushed line per finished trial."""
+    """``detail.csv`` opened for appending, one flushed line per finished trial.  Resuming, the
+    finished rows are first written back once per trial key (dropping duplicates and a
+    half-written last line a kill may have left)."""
 
     def __init__(self, path: Path, done: dict[tuple[str, ...], dict[str, str]]) -> None:
         self.path = path
-        new = not done
-        if not new:  # drop a half-written last line before appending
-            raw = path.read_bytes()
-            if not raw.endswith(b"\n"):
-                path.write_bytes(raw[: raw.rfind(b"\n") + 1])
-        self.f = open(path, "w" if new else "a", newline="")
+        if done:
+            buf = io.StringIO()
+            w = csv.writer(buf, lineterminator="\n")
+            w.writerow(DETAIL_COLUMNS)
+            for r in done.values():
+                w.writerow([r[c] for c in DETAIL_COLUMNS])
+            _atomic_write(path, buf.getvalue())
+        self.f = open(path, "a" if done else "w", newline="")
         self.w = csv.writer(self.f, lineterminator="\n")
-        if new:
+        if not done:
             self.w.writerow(DETAIL_COLUMNS)
             self.f.flush()
 
@@ -195,7 +249,106 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-_OUTPUTS = ("summary.csv", "per_bit.csv", "per_format.csv", "per_bit.png", "per_format.png")
+_OUTPUTS = (
+    "summary.csv", "per_bit.csv", "per_format.csv", "per_bit.png", "per_format.png", "quantization.csv"
+)
+#: every file name qfi writes in an output folder: a folder holding any of them without a qfi
+#: manifest belongs to someone else and is never overwritten
+_OURS = ("manifest.json", "detail.csv", *_OUTPUTS)
+LOCK_NAME = ".qfi.lock"
+
+
+class _FolderLock:
+    """An exclusive OS lock (``flock``) on ``<folder>/.qfi.lock`` for one campaign run.
+
+    The kernel drops the lock when its process dies, so a lock file left by a killed run never
+    blocks a resume; the file names the holder (pid, host, start time) for the error message of
+    a second writer.  The file is removed on release; an opener that raced with that removal
+    notices (the path then names another inode) and tries again."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if not _try_lock(fd):
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process"
+                os.close(fd)
+                raise OutputFolderBusy(
+                    f"output folder {self.path.parent} is in use by another qfi campaign ({holder}); "
+                    "wait for it to finish or choose another --out"
+                )
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        info = (
+            f"pid {os.getpid()} on {platform.node() or 'this host'}, "
+            f"started {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (info + "\n").encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        os.close(self.fd)  # closing drops the lock
+        self.fd = None
+
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive non-blocking lock on ``fd``; False when another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    """An earlier run's manifest, or None when ``path`` is missing or not a qfi manifest."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    ok = isinstance(d, dict) and isinstance(d.get("config"), dict) and "model_hash" in d
+    return d if ok else None
+
+
+def _check_out_folder(out: Path, fresh: bool) -> None:
+    """Refuse an ``out`` that is a file, or a folder holding files of qfi's names that no qfi
+    campaign wrote (no manifest of ours): they are someone else's and must not be overwritten.
+    Reads only; changes nothing."""
+    if out.exists() and not out.is_dir():
+        raise QfiError(f"--out {out} is a file, not a folder; choose another --out")
+    if not out.is_dir() or fresh:
+        return
+    if _read_manifest(out / "manifest.json") is not None:
+        return
+    theirs = [n for n in _OURS if (out / n).exists()]
+    if theirs:
+        raise QfiError(
+            f"{out} holds {', '.join(theirs)} but no qfi campaign manifest, so qfi did not write "
+            "them; refusing to overwrite them: choose another --out (or --fresh to overwrite)"
+        )
 
 
 def _same_campaign(old: dict[str, Any], cfg: CampaignConfig, mhash: str) -> bool:
@@ -214,10 +367,12 @@ def _filters(cfg: CampaignConfig, names: str) -> tuple[str | None, str | None]:
 
 def _check_names(cfg: CampaignConfig, model: nn.Module) -> None:
     """Every name group selects something (QfiError with the nearest names otherwise)."""
-    select = qfi.select_weights if cfg.target == "weights" else qfi.select_modules
     for names in cfg.names:
         include, exclude = _filters(cfg, names)
-        select(model, names=include, exclude=exclude)
+        if cfg.target == "weights":
+            qfi.select_weights(model, names=include, exclude=exclude, bn_stats=cfg.bn_stats)
+        else:
+            qfi.select_modules(model, names=include, exclude=exclude)
 
 
 @contextlib.contextmanager
@@ -226,11 +381,17 @@ def _format_session(
 ) -> Iterator[Any]:
     include, exclude = _filters(cfg, names)
     if cfg.target == "weights":
-        with qfi.weights(model, fmt_name, names=include, exclude=exclude) as s:
+        with qfi.weights(model, fmt_name, names=include, exclude=exclude, bn_stats=cfg.bn_stats) as s:
             yield s
     else:
         with qfi.activations(
-            model, fmt_name, names=include, exclude=exclude, calibrate=calib, dynamic=cfg.dynamic
+            model,
+            fmt_name,
+            names=include,
+            exclude=exclude,
+            calibrate=calib,
+            dynamic=cfg.dynamic,
+            output=cfg.output_key,
         ) as s:
             yield s
 
@@ -287,15 +448,88 @@ def run_campaign(
 
     ``model`` / ``dataset`` override ``cfg.model`` / ``cfg.data`` (for the Python API);
     ``shortcut=False`` evaluates zero-flip trials instead of answering them from the clean result.
+
+    Everything that can be checked (model, data, name filters, the output folder, the golden
+    baseline) is checked before anything is written; the folder is locked for the whole run (a
+    second campaign into it gets :class:`OutputFolderBusy`); a run that fails or is interrupted
+    before its first trial leaves no trace, one that stops later leaves a resumable folder.
     """
-    from tqdm.auto import tqdm
-
-    from qfi import zoo
-
     t0 = time.perf_counter()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out_folder(out, fresh)
     device = resolve_device(cfg.device)
+    model, evaluator, calib, meta = _prepare(cfg, model, dataset, device)
+    trials = plan(cfg)
+    keyed = {t.key(cfg.target): t for t in trials}  # plan order
+    _check_names(cfg, model)  # a name filter matching nothing fails before anything is written
+    mhash = model_hash(model)
+
+    created = _make_folder(out)
+    lock = _FolderLock(out)
+    try:
+        lock.acquire()
+    except BaseException:
+        _remove_folders(created)
+        raise
+    state = _RunState(out, created)
+    try:
+        return _run_locked(cfg, model, evaluator, calib, meta, keyed, mhash, fresh, progress, shortcut,
+                           plots, state, t0)
+    except KeyboardInterrupt as e:
+        state.cleanup_if_empty()
+        raise Interrupted(str(out) if state.rows else None, state.rows) from e
+    except BaseException:
+        state.cleanup_if_empty()
+        raise
+    finally:
+        lock.release()
+        if state.removed_folder:
+            _remove_folders(created)
+
+
+def _make_folder(out: Path) -> list[Path]:
+    """Create ``out`` and its missing parents; the folders created, deepest first."""
+    created = []
+    p = out
+    while not p.exists() and p != p.parent:
+        created.append(p)
+        p = p.parent
+    out.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _remove_folders(folders: list[Path]) -> None:
+    """Remove the (empty) folders a failed start created, deepest first."""
+    for f in folders:
+        with contextlib.suppress(OSError):
+            f.rmdir()
+
+
+@dataclass
+class _RunState:
+    """What this run wrote, so a run that ends before its first trial can take it back."""
+
+    out: Path
+    created: list[Path]
+    rows: int = 0  # trials in detail.csv (resumed + finished in this run)
+    wrote: list[Path] = dataclasses.field(default_factory=list)
+    removed_folder: bool = False
+
+    def cleanup_if_empty(self) -> None:
+        if self.rows:
+            return
+        for f in [*self.wrote, *(self.out / n for n in ("detail.csv.tmp", "manifest.json.tmp"))]:
+            with contextlib.suppress(OSError):
+                f.unlink()
+        self.removed_folder = bool(self.created)
+
+
+def _prepare(
+    cfg: CampaignConfig, model: nn.Module | None, dataset: Any, device: torch.device
+) -> tuple[nn.Module, Evaluator, list[torch.Tensor], dict[str, Any]]:
+    """Model, evaluator, calibration inputs and their descriptions (nothing is written)."""
+    from qfi import zoo
+
     model_given = None if model is None else type(model).__name__
     if model is None:
         model = zoo.load_model(cfg.model, weights=cfg.weights, device=device)
@@ -326,25 +560,45 @@ def run_campaign(
             "samples": sum(len(x) for x in calib),
             "dynamic": cfg.dynamic,
         }
+    meta = {
+        "model": cfg.model if model_given is None else f"<{model_given} passed to run_campaign>",
+        "data": {"spec": data_spec, "samples": evaluator.n},
+        "calibration": calib_info,
+        "device": str(device),
+    }
+    return model, evaluator, calib, meta
 
-    trials = plan(cfg)
-    keyed = {t.key(cfg.target): t for t in trials}  # plan order
-    _check_names(cfg, model)  # a name filter matching nothing fails before anything is written
+
+def _run_locked(
+    cfg: CampaignConfig,
+    model: nn.Module,
+    evaluator: Evaluator,
+    calib: list[torch.Tensor],
+    meta: dict[str, Any],
+    keyed: dict[tuple[str, ...], Trial],
+    mhash: str,
+    fresh: bool,
+    progress: bool | None,
+    shortcut: bool,
+    plots: bool,
+    state: _RunState,
+    t0: float,
+) -> CampaignResult:
+    from tqdm.auto import tqdm
+
+    out = state.out
     manifest_path, detail_path = out / "manifest.json", out / "detail.csv"
-    mhash = model_hash(model)
     done: dict[tuple[str, ...], dict[str, str]] = {}
     if not fresh:
+        _check_out_folder(out, fresh)  # again, now under the lock
         done = _finished_rows(detail_path)
-        try:
-            old = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
-        except json.JSONDecodeError:
-            old = {}
+        old = _read_manifest(manifest_path)
         if done and old is None:
             raise QfiError(
                 f"{detail_path} holds trials but {manifest_path.name} is missing, so they cannot be "
                 "checked against this campaign; use another --out or --fresh to overwrite"
             )
-        if done and not _same_campaign(old, cfg, mhash):
+        if done and not _same_campaign(old or {}, cfg, mhash):
             raise QfiError(
                 f"{out} holds results of a different campaign (config or model differ); "
                 "use another --out or --fresh to overwrite"
@@ -352,31 +606,44 @@ def run_campaign(
         seeds = {k: str(t.seed) for k, t in keyed.items()}
         if any(k in seeds and r["seed"] != seeds[k] for k, r in done.items()):
             raise QfiError(f"{detail_path} holds trials with other seeds; use another --out or --fresh")
+    done = {k: r for k, r in done.items() if k in keyed}
+    state.rows = len(done)
+    todo = [t for k, t in keyed.items() if k not in done]
+    resumed = len(keyed) - len(todo)
+    evals_before = evaluator.calls
+    golden = evaluator(model) if todo else None
+    if golden is not None:
+        _check_baseline(cfg, golden, "golden (fp32, no emulation)", model, evaluator)
+
     if not done:  # a fresh campaign must not leave an earlier one's tables and plots behind
         for stale in _OUTPUTS:
             (out / stale).unlink(missing_ok=True)
     manifest = {
         "config": cfg.to_dict(),
-        "model": cfg.model if model_given is None else f"<{model_given} passed to run_campaign>",
+        "model": meta["model"],
         "model_hash": mhash,
-        "data": {"spec": data_spec, "samples": evaluator.n},
-        "calibration": calib_info,
-        "trials": len(trials),
+        "data": meta["data"],
+        "calibration": meta["calibration"],
+        "trials": len(keyed),
         "versions": _versions(),
-        "device": str(device),
+        "device": meta["device"],
     }
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, manifest_path)
+    if not manifest_path.exists():
+        state.wrote.append(manifest_path)
+    _atomic_write(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
+    if cfg.target == "weights" and (todo or not (out / "quantization.csv").exists()):
+        qpath = out / "quantization.csv"
+        if not qpath.exists():
+            state.wrote.append(qpath)
+        _write_quantization_report(cfg, model, qpath)
+
+    if not done:
+        state.wrote.append(detail_path)
     detail = _DetailLog(detail_path, done)
-    todo = [t for k, t in keyed.items() if k not in done]
-    resumed = len(keyed) - len(todo)
-    evals_before = evaluator.calls
     with contextlib.ExitStack() as stack:
         stack.callback(detail.close)
         if todo:
-            golden = evaluator(model)
             groups: dict[tuple[str, str], list[Trial]] = {}
             for t in todo:
                 groups.setdefault((t.format, t.names), []).append(t)
@@ -392,9 +659,13 @@ def run_campaign(
                 fmt = get_format(fmt_name)
                 with _format_session(cfg, model, fmt_name, names, calib) as session:
                     clean = evaluator(model)
+                    what = f"clean ({fmt_name}, names {names or 'all'!r})"
+                    _check_baseline(cfg, clean, what, model, evaluator)
+                    _warn_if_crushed(what, clean, golden)
                     for t in group:
                         res, flips, evaluated = _run_trial(cfg, session, t, model, evaluator, clean, shortcut)
                         detail.add(_row(cfg, fmt, t, res, flips, evaluated, clean, golden))
+                        state.rows += 1
                         bar.set_postfix_str(
                             f"{fmt_name} {t.fault}={t.ber if t.fault == 'ber' else t.count} bit={t.bit}",
                             refresh=False,
@@ -403,24 +674,140 @@ def run_campaign(
 
     import pandas as pd
 
-    # Canonical order (plan order) so a resumed run writes exactly the same file.
-    with open(out / "detail.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if _row_key(r) in keyed]
-    rows.sort(key=lambda r: keyed[_row_key(r)].index)
-    tmp = out / "detail.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(DETAIL_COLUMNS)
-        for r in rows:
-            w.writerow([r[c] for c in DETAIL_COLUMNS])
-    os.replace(tmp, out / "detail.csv")
-    detail_df = pd.read_csv(out / "detail.csv", keep_default_na=False)
+    # Canonical order (plan order), one row per trial key, so a resumed run writes exactly the
+    # same file as an uninterrupted one.
+    rows = _finished_rows(detail_path)
+    ordered = sorted((r for k, r in rows.items() if k in keyed), key=lambda r: keyed[_row_key(r)].index)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(DETAIL_COLUMNS)
+    for r in ordered:
+        w.writerow([r[c] for c in DETAIL_COLUMNS])
+    _atomic_write(detail_path, buf.getvalue())
+    detail_df = pd.read_csv(detail_path, keep_default_na=False)
     summary = summarize(detail_df)
     write_tables(detail_df, summary, out, plots=plots)
     seconds = time.perf_counter() - t0
     return CampaignResult(
         out, detail_df, summary, len(todo), resumed, evaluator.calls - evals_before, seconds
     )
+
+
+def _write_quantization_report(cfg: CampaignConfig, model: nn.Module, path: Path) -> None:
+    """``quantization.csv``: per format, name group and selected tensor, what quantizing alone
+    does (saturated and underflowing shares, relative and max error); one warning line per
+    tensor a format crushes."""
+    import pandas as pd
+
+    from qfi.qerror import quantization_report, quantization_warnings
+
+    frames = []
+    for fmt_name in cfg.formats:
+        for names in cfg.names:
+            include, exclude = _filters(cfg, names)
+            r = quantization_report(model, fmt_name, names=include, exclude=exclude, bn_stats=cfg.bn_stats)
+            r.insert(1, "names", names)
+            frames.append(r)
+            lines = quantization_warnings(r)
+            if lines:  # one line per format and name group: the count and the first tensor hit
+                more = f" (and {len(lines) - 1} more tensors)" if len(lines) > 1 else ""
+                log.warning("%s%s; see %s", lines[0], more, path)
+    table = pd.concat(frames, ignore_index=True)
+    _atomic_write(path, table.to_csv(index=False, float_format="%.6g", lineterminator="\n"))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write through ``<path>.tmp`` and a rename: a kill or a full disk leaves the old file or the
+    new one, never half of one, and no stray temporary file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _check_baseline(
+    cfg: CampaignConfig, res: EvalResult, what: str, model: nn.Module, evaluator: Evaluator
+) -> None:
+    """A baseline with NaN/Inf outputs makes every trial's DUE meaningless: stop, naming where
+    the non-finite values are (unless ``allow_nonfinite``)."""
+    if res.due == 0:
+        return
+    where = _nonfinite_source(model, evaluator)
+    msg = f"the {what} baseline already has non-finite outputs on {res.due:.1%} of the samples: {where}"
+    if cfg.allow_nonfinite:
+        log.warning("%s; going on (allow_nonfinite)", msg)
+        return
+    raise NonFiniteBaseline(
+        f"{msg}; fix the model or choose another format, or pass --allow-nonfinite "
+        "(allow_nonfinite: true) to go on anyway"
+    )
+
+
+def _nonfinite_source(model: nn.Module, evaluator: Evaluator) -> str:
+    """Where NaN/Inf come from: the weights that hold them, else the first module (in execution
+    order) whose output turns non-finite on the first affected batch."""
+    bad = []
+    for name, t in model.state_dict().items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            n = int((~torch.isfinite(t)).sum())
+            if n:
+                bad.append(f"{name!r} holds {n} NaN/Inf value(s)")
+    if bad:
+        more = f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""
+        return "tensor " + "; ".join(bad[:3]) + more
+    first: list[str] = []
+
+    def hook(name: str):
+        def record(_m: nn.Module, _i: object, out: object) -> None:
+            if not first and any(not bool(torch.isfinite(t).all()) for t in _floats_in(out)):
+                first.append(name)
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.no_grad():
+            for x in evaluator.inputs():
+                model(x)
+                if first:
+                    break
+    finally:
+        for h in handles:
+            h.remove()
+    if first:
+        return f"no weight is NaN/Inf; the output of module {first[0]!r} is the first to turn non-finite"
+    return "no weight is NaN/Inf and no module output could be traced"
+
+
+def _floats_in(obj: object, depth: int = 0) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj] if obj.is_floating_point() else []
+    if depth > 4:
+        return []
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _floats_in(o, depth + 1)]
+    return []
+
+
+def _warn_if_crushed(what: str, clean: EvalResult, golden: EvalResult | None) -> None:
+    """One warning line when quantizing alone costs much of the golden accuracy."""
+    if golden is not None and golden.top1 - clean.top1 > 0.1:
+        log.warning(
+            "%s top-1 is %.4f against golden %.4f: the format itself destroys much of the model "
+            "before any fault (see quantization.csv)",
+            what,
+            clean.top1,
+            golden.top1,
+        )
 
 
 def _row(
@@ -448,6 +835,7 @@ def _row(
         "top1": res.top1,
         "top5": res.top5,
         "sdc": res.sdc(clean),
+        "sdc_any": res.sdc_any(clean),
         "due": res.due,
         "clean_top1": clean.top1,
         "clean_top5": clean.top5,

@@ -12,6 +12,7 @@ dataclass a YAML campaign file becomes, and hands it to :func:`run_campaign`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -23,6 +24,47 @@ os.environ.setdefault(
 )  # before torch is imported: 2-core machines spin otherwise
 
 MAIN_FORMATS = "fp32,fp16,bf16,q3.13,int8"
+
+EXIT_CODES = """exit status:
+  0    success
+  1    internal error (a bug in qfi: please report the traceback)
+  2    bad input: a flag, campaign file, model, data, fault log or output folder that qfi refuses
+       (also a baseline whose outputs are already NaN/Inf)
+  3    operating-system error: a folder or file that cannot be created, read or written (permissions,
+       a file where a folder is expected, a full disk)
+  4    the output folder is in use by another running qfi campaign
+  130  interrupted (Ctrl-C); finished trials are kept, rerun the same command to resume"""
+
+
+class _Once(argparse.Action):
+    """``store`` that refuses a repeated flag instead of silently keeping the last value."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
+        seen = namespace.__dict__.setdefault("_qfi_seen", {})
+        if self.dest in seen:
+            parser.error(
+                f"{option_string} given twice ({seen[self.dest]!r} and {values!r}); give it once"
+            )
+        seen[self.dest] = values
+        setattr(namespace, self.dest, values)
+
+
+class _Accumulate(argparse.Action):
+    """A list flag: ``--ber 1e-6 --ber 1e-5`` means ``--ber 1e-6,1e-5`` (the default is replaced)."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
+        seen = namespace.__dict__.setdefault("_qfi_seen", {})
+        old = getattr(namespace, self.dest) if self.dest in seen else None
+        seen[self.dest] = True
+        setattr(namespace, self.dest, values if old is None else f"{old},{values}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _Once)
+        self.register("action", "store", _Once)
+        self.register("action", "accumulate", _Accumulate)
 
 
 def _common(p: argparse.ArgumentParser, *, sweep: bool = True, out: str = "") -> None:
@@ -49,6 +91,12 @@ def _common(p: argparse.ArgumentParser, *, sweep: bool = True, out: str = "") ->
         "also globs (*attention*) and 're:<regex>'. Repeat for several name groups",
     )
     g.add_argument("--exclude", default="", help="names to leave out, same syntax as --names")
+    g.add_argument(
+        "--bn-stats",
+        action="store_true",
+        help="weights: also select BatchNorm running_mean/running_var (left out by default: "
+        "quantized hardware folds them into the convolutions)",
+    )
     if not sweep:
         return
     g.add_argument(
@@ -84,16 +132,25 @@ def _run_flags(g: Any, *, device: bool, batch: bool = True) -> None:
         "--fresh", action="store_true", help="discard earlier results in the output folder, do not resume"
     )
     g.add_argument("--no-plots", action="store_true", help="write the CSVs but no PNG plots")
+    g.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="go on when the golden or clean baseline already has NaN/Inf outputs (default: stop)",
+    )
     g.add_argument("--quiet", action="store_true", help="no progress bar (shown on terminals only)")
 
 
 def _faults(p: argparse.ArgumentParser, ber: str, bits: str) -> None:
     p.add_argument(
-        "--ber", default=ber, help=f"BER(s): 1e-6 | 1e-7,1e-5 | decades 1e-10:1e-6 (default {ber})"
+        "--ber",
+        default=ber,
+        action="accumulate",
+        help=f"BER(s): 1e-6 | 1e-7,1e-5 | decades 1e-10:1e-6; repeatable (default {ber})",
     )
     p.add_argument(
         "--flips",
         default=None,
+        action="accumulate",
         help="exact flip counts instead of / besides rates, e.g. 1,10 (with --ber none for counts only)",
     )
     p.add_argument(
@@ -104,12 +161,24 @@ def _faults(p: argparse.ArgumentParser, ber: str, bits: str) -> None:
     p.add_argument(
         "--dynamic", action="store_true", help="activations: scale per forward instead of calibrated"
     )
+    p.add_argument(
+        "--output-key",
+        default=None,
+        metavar="KEY",
+        help="activations: which floating tensor of a module output carries faults: a dict/ModelOutput "
+        "key, dataclass field, index or dotted path (default: the first)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="qfi", description="Quantization-aware bit-level fault injection.")
+    ap = _Parser(
+        prog="qfi",
+        description="Quantization-aware bit-level fault injection.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("-v", "--verbose", action="store_true", help="log INFO messages (default: warnings only)")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="command")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="command", parser_class=_Parser)
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
@@ -121,20 +190,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("bits", "per-bit sensitivity sweep: only bit b of each code may flip, one condition per bit")
     _common(p, out="qfi-results/bits")
     p.add_argument(
-        "--format", default="fp32", help="format name: fp32, fp16, bf16, fp8_e4m3, q3.13, int8, ..."
+        "--format",
+        default="fp32",
+        action="accumulate",
+        help="format name: fp32, fp16, bf16, fp8_e4m3, q3.13, int8, ...; repeatable (default fp32)",
     )
     _faults(p, ber="1e-3", bits="all")
 
     p = add("formats", "compare formats over a list of BERs (every bit of a code may flip)")
     _common(p, out="qfi-results/formats")
     p.add_argument(
-        "--formats", default=MAIN_FORMATS, help=f"comma-separated formats (default {MAIN_FORMATS})"
+        "--formats",
+        default=MAIN_FORMATS,
+        action="accumulate",
+        help=f"comma-separated formats; repeatable (default {MAIN_FORMATS})",
     )
     _faults(p, ber="1e-7:1e-3", bits="none")
 
     p = add("ber", "BER sweep over decades with name filters (e.g. ViT MLPs and LayerNorms)")
     _common(p, out="qfi-results/ber")
-    p.add_argument("--format", default="fp32", help="format(s), comma-separated (default fp32)")
+    p.add_argument(
+        "--format",
+        default="fp32",
+        action="accumulate",
+        help="format(s), comma-separated; repeatable (default fp32)",
+    )
     _faults(p, ber="1e-10:1e-6", bits="none")
 
     p = add("run", "run a YAML campaign file (keys = CampaignConfig fields) or rerun a manifest.json")
@@ -148,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     _run_flags(p, device=False, batch=False)
 
     p = add("main", "the default job: per-bit sweeps and a format comparison on the embedded ViT")
-    p.add_argument("--out", default="qfi-results", help="output folder (default qfi-results)")
+    p.add_argument(
+        "--out", default="qfi-results/main", help="output folder (default qfi-results/main: bits/, formats/)"
+    )
     p.add_argument("--reps", type=int, default=10, help="repetitions per condition (default 10)")
     p.add_argument("--seed", type=int, default=0, help="campaign seed (default 0)")
     _run_flags(p, device=True)
@@ -175,12 +257,15 @@ def _config(a: argparse.Namespace, formats: str) -> Any:
         exclude=a.exclude,
         reps=a.reps,
         seed=a.seed,
-        batch_size=a.batch_size or 512,
+        batch_size=512 if a.batch_size is None else a.batch_size,
         limit=a.limit,
         device=a.device or "auto",
         calibrate=a.calibrate,
         calibrate_data=a.calibrate_data,
         dynamic=a.dynamic,
+        output_key=a.output_key,
+        bn_stats=a.bn_stats,
+        allow_nonfinite=a.allow_nonfinite,
         out=a.out,
     )
 
@@ -240,11 +325,16 @@ def cmd_names(a: argparse.Namespace) -> int:
     if a.target == "activations":
         ds = zoo.load_data(a.data or zoo.default_data_for(a.model), split="test")
         example = ds[0][0][None]
-    infos = qfi.list_names(model, target=a.target, **({"example": example} if example is not None else {}))
+    if a.target == "weights":
+        infos = qfi.list_names(model, target="weights", bn_stats=a.bn_stats)
+    else:
+        infos = qfi.list_names(model, target=a.target, example=example)
     words = a.filter or (",".join(a.names) if a.names else None)
     if words or a.exclude:
-        select = qfi.select_weights if a.target == "weights" else qfi.select_modules
-        chosen = set(select(model, names=words, exclude=a.exclude or None))
+        if a.target == "weights":
+            chosen = set(qfi.select_weights(model, words, a.exclude or None, bn_stats=a.bn_stats))
+        else:
+            chosen = set(qfi.select_modules(model, names=words, exclude=a.exclude or None))
         infos = [i for i in infos if i.name in chosen]
     total = 0
     for i in infos:
@@ -265,9 +355,10 @@ def cmd_main(a: argparse.Namespace) -> int:
         reps=a.reps,
         seed=a.seed,
         device=a.device or "auto",
-        batch_size=a.batch_size or 512,
+        batch_size=512 if a.batch_size is None else a.batch_size,
         limit=a.limit,
         formats=MAIN_FORMATS,
+        allow_nonfinite=a.allow_nonfinite,
     )
     jobs = [
         # per-bit BER 1e-3: ~59 flips of one bit position per trial over the 58.6k weights, enough
@@ -286,41 +377,76 @@ def cmd_main(a: argparse.Namespace) -> int:
     return 0
 
 
+def _dispatch(a: argparse.Namespace) -> int:
+    if a.command == "names":
+        return cmd_names(a)
+    if a.command == "bits":
+        return _run(_config(a, a.format), a)
+    if a.command == "formats":
+        return _run(_config(a, a.formats), a)
+    if a.command == "ber":
+        return _run(_config(a, a.format), a)
+    if a.command == "run":
+        import dataclasses
+
+        from qfi.config import CampaignConfig
+
+        cfg = CampaignConfig.from_yaml(a.campaign)
+        overrides: dict[str, Any] = {k: v for k, v in (("out", a.out), ("device", a.device)) if v is not None}
+        if a.allow_nonfinite:
+            overrides["allow_nonfinite"] = True
+        return _run(dataclasses.replace(cfg, **overrides), a)
+    return cmd_main(a)
+
+
+def _os_error(e: OSError) -> str:
+    """One line for an OSError: what failed and on which path."""
+    what = e.strerror or type(e).__name__
+    paths = [p for p in (e.filename, e.filename2) if p is not None]
+    return f"{what}: {' -> '.join(map(str, paths))}" if paths else str(e) or what
+
+
+def _interrupted(e: BaseException) -> str:
+    out, rows = getattr(e, "out", None), getattr(e, "rows", 0)
+    if out is not None and rows:
+        return f"interrupted; {rows} finished trials are kept in {out}/, rerun the same command to resume"
+    return "interrupted before any trial finished; nothing was written"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    from qfi.errors import QfiError
-    from quant_schemes import FormatError
-
-    ap = build_parser()
-    a = ap.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s"
-    )
+    """The CLI; returns the exit status (see ``EXIT_CODES``)."""
+    command = "?"
     try:
-        if a.command == "names":
-            return cmd_names(a)
-        if a.command == "bits":
-            return _run(_config(a, a.format), a)
-        if a.command == "formats":
-            return _run(_config(a, a.formats), a)
-        if a.command == "ber":
-            return _run(_config(a, a.format), a)
-        if a.command == "run":
-            import dataclasses
+        from qfi.errors import OutputFolderBusy, QfiError
+        from quant_schemes import FormatError
 
-            from qfi.config import CampaignConfig
-
-            cfg = CampaignConfig.from_yaml(a.campaign)
-            overrides = {k: v for k, v in (("out", a.out), ("device", a.device)) if v is not None}
-            return _run(dataclasses.replace(cfg, **overrides), a)
-        if a.command == "main":
-            return cmd_main(a)
-    except (QfiError, FormatError, ValueError, FileNotFoundError) as e:
-        print(f"qfi {a.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; finished trials are saved, rerun the same command to resume", file=sys.stderr)
+        a = build_parser().parse_args(argv)
+        command = a.command
+        logging.basicConfig(
+            level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+        )
+        try:
+            return _dispatch(a)
+        except OutputFolderBusy as e:
+            print(f"qfi {command}: error: {e}", file=sys.stderr)
+            return 4
+        except (QfiError, FormatError) as e:
+            print(f"qfi {command}: error: {e}", file=sys.stderr)
+            return 2
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            print(f"qfi {command}: error: {_os_error(e)}", file=sys.stderr)
+            return 3
+    except KeyboardInterrupt as e:
+        print(f"qfi {command}: {_interrupted(e)}", file=sys.stderr)
         return 130
-    return 0
+    except BrokenPipeError:
+        # the reader went away (`qfi names | head`): not an error; keep Python's exit flush quiet
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

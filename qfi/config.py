@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,21 +71,31 @@ def parse_bits(spec: str | int | list | tuple | None, nbits: int) -> tuple[int, 
         if text == "all":
             return tuple(range(nbits))
         bits = []
+        allowed = "allowed: 'none' (any bit), 'all' (each position), '30', '0:7' (inclusive), '23,30,31'"
         try:
             for part in text.split(","):
                 if ":" in part:
                     lo, hi = (int(p) for p in part.split(":"))
+                    if hi < lo:
+                        raise QfiError(
+                            f"bit range {part.strip()!r} is reversed (it would select no bit); "
+                            f"write it low:high, e.g. '{hi}:{lo}'"
+                        )
                     bits.extend(range(lo, hi + 1))
                 else:
                     bits.append(int(part))
+        except QfiError:
+            raise
         except ValueError:
-            raise QfiError(
-                f"bad bit spec {spec!r}; allowed: 'none' (any bit), 'all' (each position), "
-                "'30', '0:7' (inclusive range), '23,30,31'"
-            ) from None
+            raise QfiError(f"bad bit spec {spec!r}; {allowed}") from None
     for b in bits:
-        if b != -1 and not 0 <= b < nbits:
-            raise QfiError(f"bit {b} is outside the format: allowed 0..{nbits - 1} (bit 0 is the LSB)")
+        if isinstance(b, bool) or not isinstance(b, int):
+            raise QfiError(f"bit {b!r} must be an integer position (bit 0 is the LSB)")
+        if not 0 <= b < nbits:
+            raise QfiError(
+                f"bit {b} is outside the format: allowed 0..{nbits - 1} (bit 0 is the LSB; "
+                "'none' lets any bit flip)"
+            )
     return tuple(bits)
 
 
@@ -126,11 +137,18 @@ class CampaignConfig:
     sweep), or explicit positions ``"30"``, ``"0:7"``, ``"23,30,31"``.  ``flips`` adds conditions
     with an exact number of flips (at the chosen bit) instead of a rate.
 
+    A golden or clean baseline with non-finite outputs stops the campaign (naming the tensor or
+    module that holds them) unless ``allow_nonfinite`` is true.
+
     For ``target="activations"`` the int scales are calibrated once on ``calibrate`` samples and
     then frozen, unless ``dynamic`` computes them on every forward.  The calibration samples come
     from ``calibrate_data`` (a data spec, e.g. ``imagefolder:<train dir>``) when given, else from
     the training split of the embedded digits, else from the first evaluation samples (which then
     also score the trials: fine for relative comparisons, optimistic for absolute accuracy).
+    ``bn_stats`` adds the running statistics of BatchNorm layers to the selectable weights (left
+    out by default: quantized hardware folds them into the convolutions; see ``qfi.qerror``).
+    ``output_key`` chooses which floating tensor of a module output carries the faults (a key of a
+    dict / ``ModelOutput``, a dataclass field, an index or a dotted path; default: the first).
 
     Repeated formats, BERs, flip counts and name groups are dropped (a condition runs once).
     """
@@ -156,6 +174,9 @@ class CampaignConfig:
     calibrate: int = 256
     calibrate_data: str | None = None
     dynamic: bool = False
+    output_key: str | None = None
+    bn_stats: bool = False
+    allow_nonfinite: bool = False
     out: str = "qfi-results"
 
     def __post_init__(self) -> None:
@@ -173,8 +194,9 @@ class CampaignConfig:
             if v is None and k in ("limit", "image_size"):
                 continue
             set_(k, _int(k, v))
-        if not isinstance(self.dynamic, bool):
-            raise QfiError(f"dynamic {self.dynamic!r} must be true or false")
+        for k in ("dynamic", "bn_stats", "allow_nonfinite"):
+            if not isinstance(getattr(self, k), bool):
+                raise QfiError(f"{k} {getattr(self, k)!r} must be true or false")
         for k in ("model", "exclude", "device", "out"):
             if not isinstance(getattr(self, k), str):
                 raise QfiError(f"{k} {getattr(self, k)!r} must be a string")
@@ -216,6 +238,14 @@ class CampaignConfig:
             raise QfiError(f"limit {self.limit} must be >= 1 (or null for the whole dataset)")
         if self.calibrate < 1:
             raise QfiError(f"calibrate {self.calibrate} must be >= 1 (samples for activation scales)")
+        if self.output_key is not None:
+            if isinstance(self.output_key, bool) or not isinstance(self.output_key, (str, int)):
+                raise QfiError(f"output_key {self.output_key!r} must be a key, field name or index")
+            set_("output_key", str(self.output_key))
+            if self.target != "activations":
+                raise QfiError("output_key applies to target 'activations' only (a module output's tensor)")
+        if self.bn_stats and self.target != "weights":
+            raise QfiError("bn_stats applies to target 'weights' only (BatchNorm running statistics)")
         if self.dynamic and self.target != "activations":
             raise QfiError("dynamic applies to target 'activations' only (weight scales are per tensor)")
 
@@ -234,13 +264,26 @@ class CampaignConfig:
         (so a rerun resumes there), replace it to write elsewhere."""
         import yaml
 
+        if os.path.isdir(path):
+            hint = os.path.join(path, "manifest.json")
+            more = f" (did you mean {hint}?)" if os.path.isfile(hint) else ""
+            raise QfiError(
+                f"campaign file {path!r} is a directory; give a .yaml file or a manifest.json{more}"
+            )
         try:
             with open(path) as f:
-                d = yaml.safe_load(f) or {}
+                d = yaml.safe_load(f)
         except FileNotFoundError:
             raise QfiError(f"campaign file {path!r} does not exist") from None
-        except yaml.YAMLError as e:
+        except (UnicodeDecodeError, yaml.YAMLError) as e:
             raise QfiError(f"{path}: not valid YAML: {e}") from None
+        except OSError as e:
+            raise QfiError(f"cannot read campaign file {path!r}: {e.strerror or e}") from None
+        if d is None:
+            raise QfiError(
+                f"{path}: the campaign file is empty; give at least formats and ber "
+                "(see examples/campaign.yaml for every key)"
+            )
         if not isinstance(d, dict):
             raise QfiError(f"{path}: a campaign file must be a mapping of keys to values")
         if "config" in d and "model_hash" in d:  # a manifest written by run_campaign
@@ -261,4 +304,5 @@ class CampaignConfig:
         """The fields that determine the results (a resumed run must match them)."""
         d = self.to_dict()
         d.pop("out")
+        d.pop("allow_nonfinite")  # permission to go on, not a property of the results
         return d

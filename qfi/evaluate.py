@@ -27,7 +27,15 @@ class EvalResult:
     pred: Tensor
 
     def sdc(self, reference: EvalResult) -> float:
-        """Share of samples whose top-1 differs from ``reference`` (e.g. the clean quantized model)."""
+        """Silent data corruption: the share of samples whose output is finite (here and in
+        ``reference``, e.g. the clean quantized model) and whose top-1 differs from the reference's.
+        Disjoint from ``due``: a NaN/Inf output is detectable, so it is never counted as silent."""
+        both = (self.pred >= 0) & (reference.pred >= 0)
+        return float(((self.pred != reference.pred) & both).float().mean())
+
+    def sdc_any(self, reference: EvalResult) -> float:
+        """Share of samples whose top-1 differs from ``reference`` or whose output is non-finite
+        (qfi < 0.2's ``sdc``; equals ``sdc + due`` when the reference is finite)."""
         return float((self.pred != reference.pred).float().mean())
 
 

@@ -20,6 +20,7 @@ Sites come back sorted by element, then bit.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -136,7 +137,8 @@ class FlipCount:
 
 @dataclass(frozen=True)
 class FlipSites:
-    """Explicit sites ``(name, flat_index, bit)``.  A site listed twice flips twice: no change."""
+    """Explicit sites ``(name, flat_index, bit)``, index and bit integers (a float is refused, never
+    truncated).  A site listed twice flips twice: no change."""
 
     sites: tuple[tuple[str, int, int], ...] = ()
 
@@ -175,6 +177,21 @@ class StuckAt:
 Fault = BitFlip | FlipCount | FlipSites | StuckAt
 
 
+def _site_int(site: object, what: str, value: object) -> int:
+    """``value`` as an int if it is an integer (int, numpy or torch integer), else QfiError: a float
+    index such as 3.7 would be truncated silently, a bool is no index."""
+    dtype = getattr(value, "dtype", None)
+    if isinstance(value, bool) or dtype is not None and (dtype == torch.bool or str(dtype) == "bool"):
+        raise QfiError(f"site {site!r}: {what} {value!r} is a bool; site indices and bits must be integers")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise QfiError(
+            f"site {site!r}: {what} {value!r} is not an integer; site indices and bits must be "
+            "integers (int, numpy or torch integers), never truncated floats"
+        ) from None
+
+
 def _check_sites(sites: object) -> tuple[tuple[str, int, int], ...]:
     out = []
     for s in sites:  # type: ignore[attr-defined]
@@ -182,9 +199,12 @@ def _check_sites(sites: object) -> tuple[tuple[str, int, int], ...]:
             name, idx, bit = s
         except (TypeError, ValueError):
             raise QfiError(f"a site is (name, flat_index, bit), got {s!r}") from None
-        if not isinstance(name, str) or int(idx) < 0 or int(bit) < 0:
+        if not isinstance(name, str):
             raise QfiError(f"site {s!r}: expected (str name, flat_index >= 0, bit >= 0)")
-        out.append((name, int(idx), int(bit)))
+        idx, bit = _site_int(s, "index", idx), _site_int(s, "bit", bit)
+        if idx < 0 or bit < 0:
+            raise QfiError(f"site {s!r}: expected (str name, flat_index >= 0, bit >= 0)")
+        out.append((name, idx, bit))
     return tuple(out)
 
 

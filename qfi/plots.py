@@ -1,4 +1,7 @@
-"""PNG plots of campaign summaries (matplotlib, Agg backend, no screen needed)."""
+"""PNG plots of campaign tables (matplotlib, Agg backend, no screen needed).
+
+``plot_per_bit`` takes ``per_bit.csv``'s table (or summary rows with ``bit >= 0``),
+``plot_vs_ber`` ``per_format.csv``'s (or summary rows with ``bit < 0``)."""
 
 from __future__ import annotations
 
@@ -54,7 +57,11 @@ def plot_per_bit(per_bit: pd.DataFrame, path: Path) -> Path:
     for ax, (key, df) in zip(axes[:, 0], panels, strict=True):
         df = df.sort_values("bit", ascending=False)
         bits = df["bit"].to_numpy()
-        colours = [ROLE_COLOURS.get(bit_role(key[0], int(b)), "grey") for b in bits]
+        if "bit_role" in df:  # per_bit.csv carries the roles
+            roles_of_bits = df["bit_role"].tolist()
+        else:
+            roles_of_bits = [bit_role(key[0], int(b)) for b in bits]
+        colours = [ROLE_COLOURS.get(r, "grey") for r in roles_of_bits]
         x = np.arange(len(bits))
         ax.bar(x, df["top1_mean"], color=colours, yerr=_err(df), capsize=2, ecolor="black", linewidth=0)
         ax.axhline(df["clean_top1"].iloc[0], color="black", ls="--", lw=1, label="clean (quantized)")
@@ -63,7 +70,7 @@ def plot_per_bit(per_bit: pd.DataFrame, path: Path) -> Path:
         ax.set_ylim(0, 1.02)
         ax.set_ylabel("top-1")
         ax.set_title(f"{key[0]}: {_cond_label(df.iloc[0])}", fontsize=10, loc="left")
-        roles = dict.fromkeys(bit_role(key[0], int(b)) for b in bits)
+        roles = dict.fromkeys(roles_of_bits)
         handles = [plt.Rectangle((0, 0), 1, 1, color=ROLE_COLOURS.get(r, "grey")) for r in roles]
         h2, l2 = ax.get_legend_handles_labels()
         ax.legend(

@@ -1,7 +1,16 @@
-"""Tidy result tables: one row per trial (``detail.csv``), one per condition (``summary.csv``).
+"""Tidy result tables.
 
-``per_bit.csv`` holds the conditions of per-bit sweeps (one bit position flips),
-``per_format.csv`` those where any bit of a code may flip (format comparisons, BER sweeps).
+* ``detail.csv``: one row per trial (``DETAIL_COLUMNS``);
+* ``summary.csv``: one row per condition (``CONDITION``): trials, flips, mean/std/CI of top-1,
+  top-5, mean SDC and DUE, baselines, and the mean of any other numeric detail column
+  (``<column>_mean``, e.g. ``sdc_any_mean``);
+* ``per_bit.csv``: the per-bit view, one row per (format, target, names, fault, ber/count, bit)
+  of the conditions where a single bit position may flip: the bit's name and role (sign,
+  exponent, mantissa, integer, fraction, magnitude), mean top-1 with its 95% CI, the drop from
+  clean, SDC, DUE, flips (``PER_BIT_COLUMNS``);
+* ``per_format.csv``: the per-format view, one row per (format, target, names, fault, ber/count)
+  of the conditions where any bit of a code may flip (format comparisons, BER sweeps), with the
+  same metrics (``PER_FORMAT_COLUMNS``).
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ DETAIL_COLUMNS = (
     "top1",
     "top5",
     "sdc",
+    "sdc_any",
     "due",
     "clean_top1",
     "clean_top5",
@@ -44,13 +54,25 @@ def t_quantile_975(dof: np.ndarray) -> np.ndarray:
     return t.ppf(0.975, dof)
 
 
+#: detail columns that are not metrics to average (keys, identities, baselines, flags)
+_NOT_AVERAGED = frozenset(CONDITION) | {
+    "rep", "seed", "flips", "top1", "top5", "sdc", "due",
+    "clean_top1", "clean_top5", "golden_top1", "golden_top5", "evaluated",
+}
+
+
 def summarize(detail: pd.DataFrame) -> pd.DataFrame:
     """One row per condition: trials, mean flips, mean/std of top-1 and top-5, the 95% confidence
     interval of mean top-1 (Student t over repetitions, clipped to [0, 1]), mean SDC and DUE,
-    the clean and golden
-    baselines."""
+    the mean of every other numeric detail column (``sdc_any`` -> ``sdc_any_mean``, after
+    ``due_mean``; absent columns are simply not there), the clean and golden baselines."""
     if detail.empty:
         return pd.DataFrame(columns=CONDITION + ["trials"])
+    extra = [
+        c for c in detail.columns
+        if c not in _NOT_AVERAGED and pd.api.types.is_numeric_dtype(detail[c])
+        and not pd.api.types.is_bool_dtype(detail[c])
+    ]
     g = detail.groupby(CONDITION, sort=False, dropna=False)
     s = g.agg(
         trials=("top1", "size"),
@@ -61,6 +83,7 @@ def summarize(detail: pd.DataFrame) -> pd.DataFrame:
         top5_std=("top5", "std"),
         sdc_mean=("sdc", "mean"),
         due_mean=("due", "mean"),
+        **{f"{c}_mean": (c, "mean") for c in extra},
         clean_top1=("clean_top1", "first"),
         clean_top5=("clean_top5", "first"),
         golden_top1=("golden_top1", "first"),
@@ -77,6 +100,52 @@ def summarize(detail: pd.DataFrame) -> pd.DataFrame:
     return s
 
 
+_METRICS = ["trials", "flips_mean", "top1_mean", "top1_ci_low", "top1_ci_high", "top1_drop", "sdc_mean"]
+_BASELINES = ["clean_top1", "golden_top1"]
+PER_BIT_COLUMNS = (
+    "format", "target", "names", "fault", "ber", "count", "bit", "bit_name", "bit_role",
+    *_METRICS, "due_mean", *_BASELINES,
+)  # fmt: skip
+PER_FORMAT_COLUMNS = (
+    "format", "target", "names", "fault", "ber", "count", *_METRICS, "due_mean", *_BASELINES,
+)  # fmt: skip
+
+
+def _view(summary: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
+    """``columns`` of ``summary`` plus ``top1_drop``; extra ``*_mean`` metrics (``sdc_any_mean``)
+    follow ``sdc_mean``."""
+    df = summary.assign(top1_drop=summary["clean_top1"] - summary["top1_mean"])
+    known = {"top1_mean", "top5_mean", "flips_mean", "sdc_mean", "due_mean"}
+    extra = [c for c in summary.columns if c.endswith("_mean") and c not in known]
+    cols = list(columns)
+    at = cols.index("sdc_mean") + 1
+    cols[at:at] = extra
+    return df[cols].reset_index(drop=True)
+
+
+def per_bit_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per per-bit condition (``bit >= 0``) with ``PER_BIT_COLUMNS``: the bit's name and
+    role from the format (``bit_names`` / ``bit_roles``), top-1 with CI and its drop from clean
+    (``clean_top1 - top1_mean``), SDC, DUE."""
+    from quant_schemes import get_format
+
+    rows = summary[summary["bit"] >= 0] if not summary.empty else summary
+    if rows.empty:
+        return pd.DataFrame(columns=list(PER_BIT_COLUMNS))
+    roles = {f: get_format(f).bit_roles for f in rows["format"].unique()}  # a few formats
+    role = [roles[f][int(b)] for f, b in zip(rows["format"], rows["bit"], strict=True)]
+    return _view(rows.assign(bit_role=role), PER_BIT_COLUMNS)
+
+
+def per_format_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per condition where any bit may flip (``bit < 0``: format comparisons, BER sweeps)
+    with ``PER_FORMAT_COLUMNS``: top-1 with CI and its drop from clean, SDC, DUE, mean flips."""
+    rows = summary[summary["bit"] < 0] if not summary.empty else summary
+    if rows.empty:
+        return pd.DataFrame(columns=list(PER_FORMAT_COLUMNS))
+    return _view(rows, PER_FORMAT_COLUMNS)
+
+
 def _write_csv(df: pd.DataFrame, path: Path) -> Path:
     """Write through a temporary file, so a kill leaves the old file or the new one, never half."""
     tmp = path.with_name(path.name + ".tmp")
@@ -86,11 +155,11 @@ def _write_csv(df: pd.DataFrame, path: Path) -> Path:
 
 
 def write_tables(detail: pd.DataFrame, summary: pd.DataFrame, out: Path, plots: bool = True) -> list[Path]:
-    """Write summary/per-bit/per-format CSVs (and PNG plots) next to ``detail.csv``."""
+    """Write summary/per-bit/per-format CSVs (and PNG plots) next to ``detail.csv``; a view with
+    no rows is not written."""
     out = Path(out)
     written = [_write_csv(summary, out / "summary.csv")]
-    per_bit = summary[summary["bit"] >= 0] if not summary.empty else summary
-    per_any = summary[summary["bit"] < 0] if not summary.empty else summary
+    per_bit, per_any = per_bit_table(summary), per_format_table(summary)
     if not per_bit.empty:
         written.append(_write_csv(per_bit, out / "per_bit.csv"))
     if not per_any.empty:
@@ -100,6 +169,7 @@ def write_tables(detail: pd.DataFrame, summary: pd.DataFrame, out: Path, plots: 
 
         if not per_bit.empty:
             written.append(plotting.plot_per_bit(per_bit, out / "per_bit.png"))
-        if not per_any.empty and per_any["fault"].eq("ber").any() and per_any["ber"].nunique() > 1:
-            written.append(plotting.plot_vs_ber(per_any[per_any["fault"] == "ber"], out / "per_format.png"))
+        ber = per_any[per_any["fault"] == "ber"]
+        if not ber.empty and ber["ber"].nunique() > 1:
+            written.append(plotting.plot_vs_ber(ber, out / "per_format.png"))
     return written

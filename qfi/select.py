@@ -9,6 +9,11 @@ A filter entry is one of
 A name is selected when it matches any ``include`` entry (or ``include`` is empty) and no
 ``exclude`` entry.  An include entry that matches no candidate name is an error, so typos
 never select silently less than meant.
+
+Modules (activation faults) follow one rule more: an entry equal to a module's full name means
+that module alone, and naming a module that carries no activation faults (a container such as
+``nn.Sequential``, ``out_proj`` inside ``nn.MultiheadAttention``) is an error saying what to
+select instead, so a filter never lands silently on other modules than the one named.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qfi import outputs
 from qfi.errors import QfiError
 
 # modules whose children are not called through ``forward`` (MultiheadAttention passes
@@ -105,52 +111,143 @@ def _suggest(entry: str, names: list[str]) -> str:
     return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 
-def weight_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+BN_STATS = ("running_mean", "running_var")
+
+
+def weight_tensors(model: nn.Module, bn_stats: bool = False) -> dict[str, torch.Tensor]:
     """Parameters and floating-point buffers by name, in model order, shared tensors once.
 
     Integer buffers (``num_batches_tracked``) are not candidates: they hold no fault-prone weights.
+    The running statistics of BatchNorm layers (``running_mean``, ``running_var``) are candidates
+    only with ``bn_stats=True``: hardware that runs a network quantized folds them into the
+    preceding convolution, so they are no stored weights there (their affine ``weight`` and
+    ``bias`` are parameters and always candidates).
     """
+    from torch.nn.modules.batchnorm import _BatchNorm
+
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for mname, mod in model.named_modules():
+        skip = () if bn_stats or not isinstance(mod, _BatchNorm) else BN_STATS
         for kind in (mod._parameters, mod._buffers):
             for tname, t in kind.items():
-                if t is None or id(t) in seen or not t.is_floating_point():
+                if t is None or id(t) in seen or not t.is_floating_point() or tname in skip:
                     continue
                 seen.add(id(t))
                 out[f"{mname}.{tname}" if mname else tname] = t
     return out
 
 
+def _has_bn_stats(model: nn.Module) -> bool:
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return any(isinstance(m, _BatchNorm) and m.running_mean is not None for m in model.modules())
+
+
+def _is_container(mod: nn.Module) -> bool:
+    """Whether ``mod`` computes nothing of its own: ModuleList/ModuleDict and other modules without
+    a ``forward``, and Sequential (subclasses too) unless its class defines its own ``forward``."""
+    forward = type(mod).forward
+    plain_sequential = isinstance(mod, nn.Sequential) and forward is nn.Sequential.forward
+    return forward is nn.Module.forward or plain_sequential
+
+
+def _opaque_parent(name: str, opaque: set[str]) -> str | None:
+    parts = name.split(".")
+    return next((p for k in range(1, len(parts)) if (p := ".".join(parts[:k])) in opaque), None)
+
+
 def activation_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules whose outputs can carry activation faults: leaves, and MultiheadAttention as a
-    whole (its ``out_proj`` child is never called through ``forward``), in model order."""
+    """Modules whose outputs can carry activation faults, in model order: every named module but
+    the root, containers (``_is_container``: Sequential, ModuleList, ModuleDict, which compute
+    nothing of their own) and the children of MultiheadAttention (its forward never calls
+    ``out_proj``).  A module with children is a candidate too (a ``Conv2d`` subclass that pads
+    through a child, a transformer block whose output is a residual sum)."""
     out: dict[str, nn.Module] = {}
-    opaque: list[str] = []
+    opaque: set[str] = set()
     for name, mod in model.named_modules():
-        if any(name.startswith(p + ".") for p in opaque):
+        if not name or _opaque_parent(name, opaque) is not None:
             continue
         if isinstance(mod, OPAQUE_MODULES):
-            opaque.append(name)
-            out[name] = mod
-        elif not any(True for _ in mod.children()) and name:
+            opaque.add(name)
+        if not _is_container(mod):
             out[name] = mod
     return out
+
+
+def _not_a_site(model: nn.Module, name: str) -> str:
+    """Why module ``name`` carries no activation faults, and what to select instead."""
+    mods = dict(model.named_modules())
+    mod = mods[name]
+    parent = _opaque_parent(name, {n for n, m in mods.items() if isinstance(m, OPAQUE_MODULES)})
+    if parent is not None:
+        return (
+            f"module {name!r} is inside {type(mods[parent]).__name__} {parent!r}, whose forward never "
+            f"calls it: select {parent!r} (its first output)"
+        )
+    kind = type(mod).__name__
+    kids = [f"{name}.{n}" for n, _ in mod.named_children()]
+    if isinstance(mod, nn.Sequential) and kids:
+        what = f"a container whose output is the output of its last module {kids[-1]!r}"
+    else:
+        what = "a container without a forward of its own"
+    return (
+        f"module {name!r} is a {kind}, {what}; name a module in it, or select every module in it "
+        f"with {name + '.'!r} or {name + '.*'!r}"
+    )
 
 
 _HINT_W = "list all names with `qfi names` or qfi.list_names(model, 'weights')"
 _HINT_A = "list all names with `qfi names --target activations` or qfi.list_names(model, 'activations')"
 
 
-def select_weights(model: nn.Module, names: object = None, exclude: object = None) -> list[str]:
-    """Names of the selected parameters and floating buffers, in model order (None = all)."""
-    return NameFilter.parse(names, exclude).select(list(weight_tensors(model)), "weights", _HINT_W)
+def select_weights(
+    model: nn.Module, names: object = None, exclude: object = None, bn_stats: bool = False
+) -> list[str]:
+    """Names of the selected parameters and floating buffers, in model order (None = all);
+    BatchNorm running statistics only with ``bn_stats=True`` (see ``weight_tensors``)."""
+    hint = _HINT_W
+    if not bn_stats and _has_bn_stats(model):
+        hint += "; BatchNorm running_mean/running_var are left out unless bn_stats=True (--bn-stats)"
+    return NameFilter.parse(names, exclude).select(list(weight_tensors(model, bn_stats)), "weights", hint)
 
 
 def select_modules(model: nn.Module, names: object = None, exclude: object = None) -> list[str]:
-    """Names of the selected modules for activation faults (None = every candidate module)."""
-    cands = list(activation_modules(model))
-    return NameFilter.parse(names, exclude).select(cands, "modules", _HINT_A)
+    """Names of the selected modules for activation faults (None = every candidate module).
+
+    Entries work as for weights, with one rule more: an entry equal to a module's full name
+    means that module alone (``"features.3"`` is not also ``features.3.pad`` or ``features.31``),
+    and QfiError when that module is not a candidate (a container, ``out_proj`` inside
+    MultiheadAttention), so a filter never lands silently on other modules than the one named.
+    """
+    f = NameFilter.parse(names, exclude)
+    table = activation_modules(model)
+    cands = list(table)
+    mods = [n for n, _ in model.named_modules() if n]
+    others = set(mods) - table.keys()
+    for e in f.include + f.exclude:
+        if e in others:
+            raise QfiError(_not_a_site(model, e))
+    inc = [(e, (lambda n, e=e: n == e) if e in table else _matcher(e)) for e in f.include]
+    exc = [(lambda n, e=e: n == e) if e in table else _matcher(e) for e in f.exclude]
+    for e, m in inc:
+        if not any(m(n) for n in cands):
+            why = next((n for n in mods if n in others and _matcher(e)(n)), None)
+            extra = f" ({_not_a_site(model, why)})" if why is not None else _suggest(e, cands)
+            raise QfiError(f"name filter {e!r} matches no modules{extra}; {_HINT_A}")
+    out = [n for n in cands if (not inc or any(m(n) for _, m in inc)) and not any(m(n) for m in exc)]
+    if not out:
+        raise QfiError(f"{f} selects no modules (everything included is excluded); {_HINT_A}")
+    return out
+
+
+def call_model(model: nn.Module, inputs: object) -> object:
+    """``model(inputs)``; a tuple is positional arguments, a dict keyword arguments."""
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(inputs)
 
 
 @dataclass(frozen=True)
@@ -164,32 +261,35 @@ class NameInfo:
     dtype: torch.dtype | None
 
 
-def list_names(model: nn.Module, target: str = "weights", example: object = None) -> list[NameInfo]:
+def list_names(
+    model: nn.Module, target: str = "weights", example: object = None, bn_stats: bool = False
+) -> list[NameInfo]:
     """Every candidate name for ``target`` ("weights" or "activations").
 
-    Activation shapes are known only when ``example`` (a model input, or a tuple of inputs) is
+    Activation shapes (of the first floating tensor of each output) are known only when
+    ``example`` (a model input, a tuple of positional inputs or a dict of keyword inputs) is
     given: one forward runs under ``torch.no_grad`` with recording hooks.
     """
     if target == "weights":
         params = {id(p) for p in model.parameters()}
         return [
             NameInfo(n, "parameter" if id(t) in params else "buffer", tuple(t.shape), t.numel(), t.dtype)
-            for n, t in weight_tensors(model).items()
+            for n, t in weight_tensors(model, bn_stats).items()
         ]
     if target != "activations":
         raise QfiError(f"target must be 'weights' or 'activations', got {target!r}")
     mods = activation_modules(model)
     seen: dict[str, torch.Tensor] = {}
     if example is not None:
-        from qfi.inject import first_float
+        def record(name: str, out: object) -> None:
+            hit = outputs.pick(out)
+            if hit is not None:
+                seen.setdefault(name, hit[1])
 
-        hooks = [
-            m.register_forward_hook(lambda _m, _i, out, n=n: (seen.setdefault(n, first_float(out)), None)[1])
-            for n, m in mods.items()
-        ]
+        hooks = [m.register_forward_hook(lambda _m, _i, out, n=n: record(n, out)) for n, m in mods.items()]
         try:
             with torch.no_grad():
-                model(*example) if isinstance(example, tuple) else model(example)
+                call_model(model, example)
         finally:
             for h in hooks:
                 h.remove()

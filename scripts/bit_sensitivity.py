@@ -7,8 +7,12 @@ Only bit b of each selected code may flip (probability --ber), one condition per
 writes detail.csv, summary.csv, per_bit.csv and per_bit.png under --out.
 """
 
+from __future__ import annotations
+
 import argparse
 import os
+from collections.abc import Sequence
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -17,7 +21,7 @@ from qfi.config import CampaignConfig  # noqa: E402
 from qfi.errors import QfiError  # noqa: E402
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--format", default="fp32")
     ap.add_argument("--ber", default="1e-3", help="per-bit BER (default 1e-3)")
@@ -27,8 +31,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N samples only")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--no-plots", action="store_true", help="write the CSVs but no PNG plots")
+    ap.add_argument(
+        "--fresh", action="store_true", help="discard earlier results in the output folder, do not resume"
+    )
     ap.add_argument("--out", default="qfi-results/bit_sensitivity", help="writes to <out>/<format>")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     cfg = CampaignConfig(
         formats=a.format,
         bits="all",
@@ -41,7 +49,7 @@ def main() -> None:
         device=a.device,
         out=os.path.join(a.out, a.format),
     )
-    res = run_campaign(cfg)
+    res = run_campaign(cfg, plots=not a.no_plots, fresh=a.fresh)
     t = res.summary.sort_values("bit", ascending=False)
     print(
         f"golden fp32 top-1 {t['golden_top1'].iloc[0]:.4f}, "
@@ -52,7 +60,8 @@ def main() -> None:
             f"bit {int(r['bit']):2d} {r['bit_name']:<10} top-1 {r['top1_mean']:.4f} "
             f"[{r['top1_ci_low']:.4f}, {r['top1_ci_high']:.4f}]  flips/trial {r['flips_mean']:.1f}"
         )
-    print(f"-> {res.out}/per_bit.csv, {res.out}/per_bit.png")
+    written = [f for f in ("summary.csv", "per_bit.csv", "per_bit.png") if (Path(res.out) / f).exists()]
+    print(f"-> {res.out}/: {', '.join(written)}")
 
 
 if __name__ == "__main__":

@@ -187,7 +187,7 @@ def test_trials_without_their_manifest_or_with_other_seeds_are_refused(tmp_path,
     detail = tmp_path / "m" / "detail.csv"
     text = detail.read_text()
     (tmp_path / "m" / "manifest.json").unlink()
-    with pytest.raises(QfiError, match="manifest.json is missing.*--fresh"):
+    with pytest.raises(QfiError, match="no qfi campaign manifest.*--fresh"):
         run_campaign(cfg, model=model, progress=False, plots=False)
     run_campaign(cfg, model=model, progress=False, plots=False, fresh=True)
     seed = next(iter(pd.read_csv(detail)["seed"]))

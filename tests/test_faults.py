@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,3 +128,30 @@ def test_cached_bit_specs_keep_their_type() -> None:
             resolve_bits(bad, 8, "int8")
     with pytest.raises(qfi.QfiError):
         parse_bits((True, 3))
+
+
+@pytest.mark.parametrize("make", [lambda s: qfi.FlipSites((s,)), lambda s: qfi.StuckAt(1, sites=(s,))])
+@pytest.mark.parametrize(
+    ("site", "match"),
+    [
+        (("w", 3.7, 1), r"site \('w', 3\.7, 1\): index 3\.7 is not an integer.*integers"),
+        (("w", 3.0, 1), r"index 3\.0 is not an integer"),
+        (("w", 3, 1.5), r"bit 1\.5 is not an integer"),
+        (("w", np.float32(2), 1), r"index (np\.float32\()?2\.0\)? is not an integer"),
+        (("w", torch.tensor(2.0), 1), r"index tensor\(2\.\) is not an integer"),
+        (("w", True, 1), r"index True is a bool"),
+        (("w", 2, torch.tensor(True)), r"bit tensor\(True\) is a bool"),
+        (("w", "3", 1), r"index '3' is not an integer"),
+    ],
+)
+def test_non_integer_sites_are_refused_not_truncated(make, site, match: str) -> None:
+    """A float (or bool, or string) site index or bit is a QfiError naming the site; it used to be
+    truncated (3.7 -> 3) silently."""
+    with pytest.raises(qfi.QfiError, match=match):
+        make(site)
+
+
+def test_integer_sites_of_numpy_and_torch_are_fine() -> None:
+    """Integral numpy and torch scalars are valid site indices and bits, stored as ints."""
+    f = qfi.FlipSites((("w", np.int64(3), np.uint8(2)), ("w", torch.tensor(4), 1)))
+    assert f.sites == (("w", 3, 2), ("w", 4, 1)) and all(type(v) is int for s in f.sites for v in s[1:])

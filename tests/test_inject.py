@@ -398,7 +398,7 @@ def test_replay_refuses_logs_of_another_session(model: nn.Module) -> None:
 def test_interrupt_mid_apply_restores_bit_exact(model: nn.Module, fmt: str, monkeypatch) -> None:
     """A KeyboardInterrupt after some words were written (second tensor of a flat=False session)
     restores them before propagating; the session stays usable."""
-    import qfi.inject as inj
+    import qfi.weight_session as inj  # the weight session's own reference to apply_mask
 
     real, calls = inj.apply_mask, []
 
@@ -548,3 +548,105 @@ def test_cuda_weight_and_activation_faults(model: nn.Module, fmt: str) -> None:
         with act.inject(qfi.BitFlip(ber=1e-4), seed=0):
             model(x)
     assert alog.flips == 5
+
+
+# -- issue 12 items 3 and 10: modules never called, modules with children -------------------------------
+class SkipsDropout(nn.Module):
+    """A block whose forward never calls ``drop`` (as a fused attention path skips its dropout)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def test_calibration_names_modules_the_forward_never_called() -> None:
+    """int8 calibration with a selected module the forward skips names that module and says why;
+    empty calibrate inputs are told apart; excluding the module makes the session work."""
+    m = nn.Sequential(SkipsDropout())
+    x = torch.randn(3, 4)
+    never = r"never called \['0\.drop'\] in 2 calibration batch.*fused attention"
+    with pytest.raises(qfi.QfiError, match=never):
+        qfi.activations(m, "int8", calibrate=[x, x]).__enter__()
+    with pytest.raises(qfi.QfiError, match=r"calibrate= holds no inputs"):
+        qfi.activations(m, "int8", calibrate=[]).__enter__()
+    assert all(not mod._forward_hooks and not mod._forward_pre_hooks for mod in m.modules())
+    with torch.no_grad(), qfi.activations(m, "int8", exclude="0.drop", calibrate=[x]) as act:
+        assert act.names == ["0", "0.lin"]
+        with act.inject(qfi.FlipCount(3), seed=0) as log:
+            m(x)
+        assert log.flips == 3
+
+
+@pytest.mark.parametrize("fault", [qfi.BitFlip(ber=0.5), qfi.FlipCount(2)])
+def test_armed_forward_that_never_reaches_the_selection_is_an_error(fault) -> None:
+    """Only never-called modules selected: an armed forward raises instead of a 0-flip trial."""
+    m = nn.Sequential(SkipsDropout())
+    with torch.no_grad(), qfi.activations(m, "fp32", names="0.drop") as act:
+        m(torch.randn(2, 4))  # disarmed: nothing to inject, no error
+        with act.inject(fault, seed=0), pytest.raises(qfi.QfiError, match=r"no selected module produced"):
+            m(torch.randn(2, 4))
+
+
+class SameConv(nn.Conv2d):
+    """'Same' padding through a child module: a Conv2d subclass with children."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(cin, cout, 3)
+        self.pad = nn.ZeroPad2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.pad(x))
+
+
+def test_fault_on_a_conv_with_a_padding_child_hits_the_conv_output() -> None:
+    """Naming the SameConv selects the conv itself (it used to select its padding child, i.e. its
+    input): the model output (the conv's) differs from clean exactly at the logged sites."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Identity(), SameConv(1, 2))
+    x = torch.randn(1, 1, 6, 6)
+    with torch.no_grad():
+        clean = m(x)
+        with qfi.activations(m, "fp32", names="1") as act:
+            with act.inject(qfi.FlipCount(5, bits=(20, 30)), seed=0) as log:
+                out = m(x)
+    assert act.names == ["1"] and set(log.to_frame().name) == {"1"}
+    changed = (out.reshape(-1).view(torch.int32) != clean.reshape(-1).view(torch.int32)).nonzero().flatten()
+    assert changed.tolist() == sorted(set(log.index.tolist())) and int(log.index.max()) < clean.numel()
+
+
+def test_nested_selected_modules_fault_each_tensor_once() -> None:
+    """A selected block returning its selected LayerNorm's output does not quantize or fault that
+    tensor again: FlipCount(k) puts all k flips on the inner modules, and int8 outputs equal
+    those of a session on the inner modules alone."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.ln = nn.Linear(4, 4), nn.LayerNorm(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.ln(self.lin(x) + 1)
+
+    torch.manual_seed(0)
+    m = nn.Sequential(Block(), nn.ReLU())
+    x = torch.randn(6, 4)
+    with torch.no_grad():
+        with qfi.activations(m, "fp32", names="0,0.lin,0.ln") as act:
+            with act.inject(qfi.FlipCount(40), seed=0) as log:
+                m(x)
+                m(x)
+            with act.inject(qfi.BitFlip(ber=0.2), seed=0) as log2:
+                m(x)
+        assert log.flips == 80 and "0" not in set(log.to_frame().name)
+        assert log2.flips > 0 and "0" not in set(log2.to_frame().name)
+        with qfi.activations(m, "int8", names="0,0.lin,0.ln", calibrate=[x]):
+            both = m(x)
+        with qfi.activations(m, "int8", names="0.lin,0.ln", calibrate=[x]):
+            inner = m(x)
+        with qfi.activations(m, "int8", names="0", calibrate=[x]):  # the block alone is a fault site
+            outer = m(x)
+    assert torch.equal(both, inner) and not torch.equal(outer, inner)

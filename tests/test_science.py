@@ -51,7 +51,10 @@ def test_half_formats_exponent_msb_most_sensitive_sign_in_between(narrow, fmt):
     assert d.loc[14, "top1_mean"] < 0.5 * clean
     low_mantissa = d.loc[0:3, "sdc_mean"].mean()
     assert low_mantissa < 0.002
-    assert d.loc[14, "sdc_mean"] > d.loc[15, "sdc_mean"] > low_mantissa
+    # failures = silent (sdc) + detected (due: a bf16 exponent-MSB flip often gives NaN/Inf)
+    failed = d["sdc_mean"] + d["due_mean"]
+    assert failed.loc[14] > failed.loc[15] > low_mantissa
+    assert (d["sdc_mean"] + d["due_mean"] <= 1.0 + 1e-12).all()
 
 
 def test_fixed_point_sensitivity_grows_with_bit_significance(narrow):

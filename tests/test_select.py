@@ -68,10 +68,15 @@ def test_no_match_suggests_close_names(vit: nn.Module) -> None:
 
 
 def test_integer_buffers_are_not_candidates() -> None:
-    """num_batches_tracked (int64) is skipped; float buffers (running_mean) are selectable."""
+    """num_batches_tracked (int64) is skipped; float buffers are selectable, BatchNorm's running
+    statistics only with bn_stats=True (affine weight/bias always: they are parameters)."""
     m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    m.register_buffer("table", torch.ones(3))
     names = qfi.select_weights(m)
-    assert "1.running_mean" in names and "1.num_batches_tracked" not in names
+    assert names == ["table", "0.weight", "0.bias", "1.weight", "1.bias"]  # model order: root first
+    names = qfi.select_weights(m, bn_stats=True)
+    assert "1.running_mean" in names and "1.running_var" in names and "1.num_batches_tracked" not in names
+    assert [i.name for i in qfi.list_names(m, bn_stats=True)] == names
     with pytest.raises(qfi.QfiError, match="num_batches_tracked"):
         qfi.select_weights(m, "num_batches_tracked")
 
@@ -100,3 +105,77 @@ def test_list_names(vit: nn.Module) -> None:
     assert acts["encoder.layers.encoder_layer_0.self_attention"].kind == "MultiheadAttention"
     with pytest.raises(qfi.QfiError, match="'bogus'"):
         qfi.list_names(small, "bogus")
+
+
+class SameConv(nn.Conv2d):
+    """'Same' padding through a child: a compute layer that has children."""
+
+    def __init__(self) -> None:
+        super().__init__(1, 2, 3)
+        self.pad = nn.ZeroPad2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.pad(x))
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = SameConv()
+        self.layer = nn.ModuleList([nn.ReLU() for _ in range(11)])
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * 36, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for f in self.layer:
+            x = f(x)
+        return self.head(x)
+
+
+def test_modules_with_children_that_compute_are_candidates() -> None:
+    """A Conv2d subclass with a padding child is selectable by its name, alone (it used to select
+    only its padding child, the conv's input); containers are not candidates; `names` lists the
+    same set with shapes."""
+    net = Net()
+    assert qfi.select_modules(net, "stem") == ["stem"]
+    assert qfi.select_modules(net, "stem.pad") == ["stem.pad"]
+    assert qfi.select_modules(net, "stem*") == ["stem", "stem.pad"]  # a glob still matches both
+    cands = qfi.select_modules(net)
+    assert "stem" in cands and "layer" not in cands and "head" not in cands and "head.1" in cands
+    infos = qfi.list_names(net, "activations", example=torch.zeros(1, 1, 6, 6))
+    assert [i.name for i in infos] == cands
+    assert {i.name: i.shape for i in infos}["stem"] == (1, 2, 6, 6)
+
+
+def test_a_full_module_name_means_that_module_alone() -> None:
+    """'layer.1' is not also 'layer.10'; excluding a full name excludes that module alone; a plain
+    word that is part of names still matches as a substring."""
+    net = Net()
+    assert qfi.select_modules(net, "layer.1") == ["layer.1"]
+    assert "stem.pad" in qfi.select_modules(net, exclude="stem")
+    assert "stem" not in qfi.select_modules(net, exclude="stem")
+    assert len(qfi.select_modules(net, "layer.")) == len(qfi.select_modules(net, "ayer")) == 11
+
+
+@pytest.mark.parametrize(
+    ("entry", "match"),
+    [
+        ("layer", r"'layer' is a ModuleList, a container without a forward of its own.*'layer\.'"),
+        ("head", r"'head' is a Sequential, a container whose output is the output of its last module 'head"),
+    ],
+)
+def test_naming_a_container_is_an_error_not_a_silent_fallback(entry: str, match: str) -> None:
+    """A full name of a module that carries no activation faults is refused with what to select."""
+    with pytest.raises(qfi.QfiError, match=match):
+        qfi.select_modules(Net(), entry)
+    with pytest.raises(qfi.QfiError, match=match):
+        qfi.select_modules(Net(), exclude=entry)
+
+
+def test_out_proj_of_attention_is_explained(vit: nn.Module) -> None:
+    """out_proj (never called by MultiheadAttention.forward) points to the attention module."""
+    name = "encoder.layers.encoder_layer_0.self_attention"
+    with pytest.raises(qfi.QfiError, match=f"inside MultiheadAttention '{name}', whose forward never"):
+        qfi.select_modules(vit, f"{name}.out_proj")
+    with pytest.raises(qfi.QfiError, match="'out_proj' matches no modules .*select"):
+        qfi.select_modules(vit, "out_proj")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import numpy as np
 import pytest
@@ -186,3 +187,43 @@ def test_torchvision_vit_b_16_state_dict_loads_strictly():
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(x), tv(x))
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"", r"the file is empty \(0 bytes\)"),
+        (b"hello, not weights", r"not a torch\.save file \(it starts with b'hell'\)"),
+        ("model", r"UnpicklingError: Unsupported global: GLOBAL torch\.nn\.modules\.linear\.Linear was not "
+                  r"an allowed global by default; .*save model\.state_dict\(\), not the model"),
+        ("truncated", r"RuntimeError: PytorchStreamReader failed reading zip archive"),
+    ],
+)
+@pytest.mark.parametrize("spec", ["cnn_digits", "qfi.zoo.cnn:cnn_digits"])
+def test_unreadable_checkpoint_always_says_why(tmp_path, content, reason, spec):
+    """An empty file used to give `cannot read weights '…': ` with nothing after the colon."""
+    path = tmp_path / "w.pt"
+    if content == "model":
+        torch.save(torch.nn.Linear(2, 2), path)  # a pickled module, not a state dict
+    elif content == "truncated":
+        torch.save(DigitsCNN(**CNN_DIGITS_CONFIG).state_dict(), path)
+        path.write_bytes(path.read_bytes()[:300])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ZooError, match=rf"cannot read weights '{re.escape(str(path))}': {reason}"):
+        load_model(spec, weights=path)
+
+
+def test_factory_that_raises_names_spec_and_exception(tmp_path, monkeypatch):
+    (tmp_path / "my_factories.py").write_text(
+        "def needs_gpu():\n    raise RuntimeError('no CUDA device here')\n"
+        "def bare():\n    raise KeyError()\n"
+        "NOT_CALLABLE = 3\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ZooError, match=r"factory 'my_factories:needs_gpu' raised RuntimeError: no CUDA"):
+        load_model("my_factories:needs_gpu")
+    with pytest.raises(ZooError, match=r"model factory 'my_factories:bare' raised KeyError$"):
+        load_model("my_factories:bare")
+    with pytest.raises(ZooError, match=r"model factory 'my_factories:NOT_CALLABLE' is a int, not a callable"):
+        load_model("my_factories:NOT_CALLABLE")

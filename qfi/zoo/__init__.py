@@ -14,6 +14,9 @@ Data specs (``load_data``): ``digits`` (scikit-learn's real 8x8 digits, no downl
 from __future__ import annotations
 
 import importlib
+import pickle
+import re
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -54,12 +57,51 @@ class MissingDependencyError(ZooError, ImportError):
     """An optional dependency (torchvision) is needed for this spec."""
 
 
+def _head(source) -> tuple[int | None, bytes]:
+    """(size in bytes or None when unknown, first 4 bytes) of a path or a seekable binary file."""
+    try:
+        if isinstance(source, (str, Path)):
+            with open(source, "rb") as f:
+                return Path(source).stat().st_size, f.read(4)
+        pos = source.tell()
+        head = source.read(4)
+        size = source.seek(0, 2) - pos
+        source.seek(pos)
+        return size, head
+    except (OSError, AttributeError, ValueError):
+        return None, b""
+
+
+def _load_failure(source, e: BaseException) -> str:
+    """Why ``torch.load`` failed, always in words: its message is sometimes empty (an empty file
+    gives a bare ``EOFError``) or a bare key (``KeyError: '101'`` for a text file)."""
+    if isinstance(e, OSError):
+        return str(e) or type(e).__name__
+    size, head = _head(source)
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    # torch.save writes a zip archive; files of torch < 1.6 start with a pickle protocol byte
+    if head and not head.startswith((b"PK\x03\x04", b"\x80")):
+        return f"not a torch.save file (it starts with {head!r})"
+    text = str(e).strip()
+    if isinstance(e, pickle.UnpicklingError):  # a pickled model or other objects, not tensors
+        why = re.search(r"WeightsUnpickler error:\s*([^\n]+?)(?:\. |\n|$)", text)
+        return (
+            f"{type(e).__name__}: {why[1] if why else 'not a plain dict of tensors'}; weights are read "
+            "with torch.load(weights_only=True): save model.state_dict(), not the model"
+        )
+    msg = text.splitlines()[0].split(". ")[0][:200] if text else ""  # the first sentence: the advice
+    return f"{type(e).__name__}: {msg}" if msg else f"{type(e).__name__} (truncated or corrupt file?)"
+
+
 def _read_checkpoint(source) -> dict:
     label = str(source if isinstance(source, (str, Path)) else getattr(source, "name", source))
     try:
-        obj = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as e:  # re-raised with the path named
-        raise ZooError(f"cannot read weights {label!r}: {e}") from e
+        with warnings.catch_warnings():  # a plain pickle warns before it fails: keep the failure
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as e:  # re-raised with the path named and a reason
+        raise ZooError(f"cannot read weights {label!r}: {_load_failure(source, e)}") from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         return obj
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -93,7 +135,15 @@ def _from_callable(spec: str) -> nn.Module:
         factory = getattr(importlib.import_module(mod_name), attr)
     except (ImportError, AttributeError) as e:
         raise ZooError(f"cannot import model factory {spec!r}: {e}") from e
-    model = factory()
+    if not callable(factory):
+        raise ZooError(f"model factory {spec!r} is a {type(factory).__name__}, not a callable")
+    try:
+        model = factory()
+    except Exception as e:  # the user's code: name the spec and what it raised
+        msg = str(e).strip()
+        raise ZooError(
+            f"model factory {spec!r} raised {type(e).__name__}" + (f": {msg}" if msg else "")
+        ) from e
     if not isinstance(model, nn.Module):
         raise ZooError(f"model factory {spec!r} returned {type(model).__name__}, not an nn.Module")
     return model
