@@ -54,22 +54,32 @@ PLANS = {
 }
 
 
+DEVICE = torch.device("cpu")
+
+
+def clock() -> float:
+    """Wall time after the device has finished its queued work (CUDA runs asynchronously)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+    return time.perf_counter()
+
+
 def med(fn: Callable[[], object], reps: int) -> float:
     """Median wall time of ``fn()`` in seconds (one warm-up call first)."""
     fn()
     ts = []
     for _ in range(reps):
-        t = time.perf_counter()
+        t = clock()
         fn()
-        ts.append(time.perf_counter() - t)
+        ts.append(clock() - t)
     return statistics.median(ts)
 
 
 def forward_time(model: nn.Module, x: Tensor) -> float:
     with torch.no_grad():
-        t = time.perf_counter()
+        t = clock()
         model(x)
-        return time.perf_counter() - t
+        return clock() - t
 
 
 def dense_block_trial(block: nn.Module, ber: float, g: torch.Generator) -> None:
@@ -80,7 +90,7 @@ def dense_block_trial(block: nn.Module, ber: float, g: torch.Generator) -> None:
             clean = iv.clone()
             mask = torch.zeros_like(iv)
             for b in range(32):
-                hit = torch.rand(iv.shape, generator=g) < ber
+                hit = torch.rand(iv.shape, generator=g, device=g.device) < ber
                 mask |= hit.to(torch.int32) << b
             iv ^= mask
             iv.copy_(clean)
@@ -99,9 +109,9 @@ def bench_weights(model: VisionTransformer, x1: Tensor, plan: Plan) -> None:
     forward_time(model, x1)
     for flat in (True, False):
         mode = "flat buffer" if flat else "in place"
-        t_enter = time.perf_counter()
+        t_enter = clock()
         with qfi.weights(model, "fp32", flat=flat) as w:
-            enter = time.perf_counter() - t_enter
+            enter = clock() - t_enter
             ratios: dict[float, list[float]] = {b: [] for b in plan.trials}
             times: dict[float, list[float]] = {b: [] for b in plan.trials}
             flips: dict[float, list[int]] = {b: [] for b in plan.trials}
@@ -112,10 +122,10 @@ def bench_weights(model: VisionTransformer, x1: Tensor, plan: Plan) -> None:
                     fault = qfi.BitFlip(ber=ber)
                     ts = []
                     for _ in range(n):
-                        t = time.perf_counter()
+                        t = clock()
                         with w.inject(fault, generator=g) as log:
                             k = log.flips
-                        ts.append(time.perf_counter() - t)
+                        ts.append(clock() - t)
                         flips[ber].append(k)
                     times[ber].append(statistics.median(ts))
                     ratios[ber].append(statistics.median(ts) / gold)
@@ -157,7 +167,8 @@ def bench_weights(model: VisionTransformer, x1: Tensor, plan: Plan) -> None:
     )
     block = model.encoder.layers[0]
     n_block = sum(p.numel() for p in block.parameters())
-    tb = med(lambda: dense_block_trial(block, 1e-6, g), plan.dense_reps)
+    gd = torch.Generator(device=DEVICE).manual_seed(0)
+    tb = med(lambda: dense_block_trial(block, 1e-6, gd), plan.dense_reps)
     rows.append(
         (
             "baseline (b) dense per-bit masks (extrap.)",
@@ -169,7 +180,7 @@ def bench_weights(model: VisionTransformer, x1: Tensor, plan: Plan) -> None:
 
     print(
         f"\n{plan.label}, {n_params:,} parameters, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads\n"
+        f"{torch.get_num_threads()} threads, device {DEVICE}\n"
     )
     print(f"{'weight-fault trial (fp32, all weights)':46s} {'time':>11s} {'/ golden':>10s}  notes")
     for name, t, ratio, note in rows:
@@ -209,7 +220,7 @@ class _Replay(nn.Module):
 
 def bench_activations(model: VisionTransformer, x1: Tensor, plan: Plan) -> None:
     """Activation emulation: batch forward, every nn.Linear output quantized, a fault armed."""
-    x = torch.randn(plan.batch, *x1.shape[1:])
+    x = torch.randn(plan.batch, *x1.shape[1:], device=x1.device)
     linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]  # mlp.0, mlp.3, heads.head
     names = [f"re:^{re.escape(n)}$" for n in linears]
     fault = qfi.BitFlip(ber=1e-7)
@@ -222,7 +233,7 @@ def bench_activations(model: VisionTransformer, x1: Tensor, plan: Plan) -> None:
     forward_time(model, x)
     for h in rec:
         h.remove()
-    probe = torch.zeros(1)
+    probe = torch.zeros(1, device=x1.device)
     for fmt in ("fp16", "bf16", "int8"):
         # golden (no session) and emulated forwards alternate, so that load drift hits both
         # alike; each pair enters its own session, the first pair is a warm-up
@@ -257,12 +268,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     size.add_argument("--quick", action="store_true", help="fewer repetitions")
     size.add_argument("--smoke", action="store_true", help="a tiny ViT, every measurement once (seconds)")
     ap.add_argument("--only", choices=("weights", "activations"), default=None, help="run one half")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]; timings synchronize")
     args = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     plan = PLANS["smoke" if args.smoke else "quick" if args.quick else "full"]
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    model = plan.model().eval()
-    x1 = torch.randn(1, 3, model.image_size, model.image_size)
+    model = plan.model().eval().to(DEVICE)
+    x1 = torch.randn(1, 3, model.image_size, model.image_size, device=DEVICE)
     if args.only != "activations":
         bench_weights(model, x1, plan)
     if args.only != "weights":

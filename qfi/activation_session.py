@@ -385,7 +385,7 @@ class ActivationSession:
         dt = getattr(fmt, "torch_dtype", None)
         inplace = inplace and t.dtype == torch.float32
         if scale is None and dt is not None and t.dtype == torch.float32:
-            return t.copy_(t.to(dt)) if inplace else t.to(dt).to(torch.float32)
+            return t.copy_(fmt.cast(t)) if inplace else fmt.cast(t).to(torch.float32)
         if scale is not None and type(fmt).__name__ == "IntSymmetric" and fmt.bits <= 24:
             # the arithmetic of IntSymmetric.decode(encode(t, scale)), in three passes
             s = scale.to(t.device, torch.float32)

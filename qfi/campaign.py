@@ -143,13 +143,17 @@ def model_hash(model: nn.Module) -> str:
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
     import numpy
     import pandas
 
+    try:
+        qfi_version = version("qfi")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        qfi_version = "unknown (not installed)"
     return {
-        "qfi": version("qfi"),
+        "qfi": qfi_version,
         "torch": torch.__version__,
         "numpy": numpy.__version__,
         "pandas": pandas.__version__,

@@ -19,8 +19,9 @@ casts (``x.float().to(torch.float16)`` etc.), which are bit-exact with numpy / m
 every finite in-range value.  Overflow follows torch, not ml_dtypes:
 
 * ``fp16``, ``bf16``, ``fp8_e5m2``: values that round beyond ``max`` become +-inf (IEEE);
-* ``fp8_e4m3``: torch (2.13) *saturates*: finite overflow and +-inf become +-448
-  (``0x7E`` / ``0xFE``); ml_dtypes' ``float8_e4m3fn`` returns NaN there instead.
+* ``fp8_e4m3``: *saturates*: finite overflow and +-inf become +-448 (``0x7E`` / ``0xFE``), as
+  torch 2.13's cast does (torch 2.11 gives NaN, so qfi clamps first and does not depend on the
+  version); ml_dtypes' ``float8_e4m3fn`` returns NaN there instead.
 
 NaN inputs are written as one canonical quiet NaN carrying the input's sign bit (exponent all
 ones, top mantissa bit set: fp16 ``0x7E00``, bf16 ``0x7FC0``, fp8_e5m2 ``0x7E``, and the only
@@ -158,9 +159,17 @@ class FloatFormat:
         x32 = check_float_tensor(x, self.name).to(torch.float32)
         if self.bits == 32:
             return Encoded(x32.view(torch.int32).clone())
-        y = x32.to(self.torch_dtype).view(_INT_VIEW[self.bits]).to(torch.int32) & ((1 << self.bits) - 1)
+        y = self.cast(x32).view(_INT_VIEW[self.bits]).to(torch.int32) & ((1 << self.bits) - 1)
         sign = (x32.view(torch.int32) < 0).to(torch.int32) << (self.bits - 1)
         return Encoded(torch.where(torch.isnan(x32), sign | self.nan_code, y))
+
+    def cast(self, x32: Tensor) -> Tensor:
+        """``x32`` (float32) rounded to ``torch_dtype`` with round-to-nearest-even; a format without
+        infinities (``fp8_e4m3``) saturates explicitly, because torch's own cast changed from NaN
+        (2.11) to saturation (2.13) for overflow."""
+        if self.finite:
+            x32 = x32.clamp(-self.max, self.max)  # NaN stays NaN
+        return x32.to(self.torch_dtype)
 
     def decode(self, enc: Encoded) -> Tensor:
         """float32 values of ``enc.qdata`` (bits above ``bits`` are ignored); exact."""

@@ -126,7 +126,10 @@ class IntSymmetric:
         return self._scale_of(self._finite_float32(x))
 
     def _scale_of(self, x32: Tensor) -> Tensor:
-        return (self._amax(x32) / self.qmax).clamp_(min=MIN_SCALE)
+        # divide by a tensor: torch's CUDA kernel divides by a Python scalar as a multiplication
+        # by its reciprocal, which rounds differently from the CPU's true division
+        qmax = torch.tensor(float(self.qmax), dtype=torch.float32, device=x32.device)
+        return (self._amax(x32) / qmax).clamp_(min=MIN_SCALE)
 
     def _check_scale(self, scale: object, x32: Tensor) -> Tensor:
         if not isinstance(scale, Tensor):

@@ -439,3 +439,48 @@ def test_plan_unchanged_by_safety_fields(tmp_path):
     b = dataclasses.replace(a, allow_nonfinite=True)
     assert [t.seed for t in plan(a)] == [t.seed for t in plan(b)] and a.identity() == b.identity()
     assert json.dumps(a.identity(), sort_keys=True) == json.dumps(b.identity(), sort_keys=True)
+
+
+# -- 11. say when a format crushes the clean model ---------------------------------------------------
+
+
+def test_quantization_report_and_warnings_for_a_crushing_format(tmp_path, monkeypatch, caplog):
+    """q3.13 on a CNN whose BatchNorm running_var reaches 566 (selected with bn_stats): the
+    campaign writes quantization.csv with the saturated share of that tensor and warns once per
+    format, and warns that the clean top-1 collapsed; without bn_stats the statistics are not
+    selected (and not reported)."""
+    import logging
+
+    (tmp_path / "bnmodel.py").write_text(_BN_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    m = importlib.import_module("bnmodel").build()
+    with torch.no_grad():
+        m[1].running_var[0] = 566.0
+    data = zoo.load_data("digits")
+    cfg = _cfg(tmp_path, "q", formats=("q3.13", "fp32"), ber=(1e-4,), reps=1, bn_stats=True)
+    with caplog.at_level(logging.WARNING, logger="qfi"):
+        run_campaign(cfg, model=m, dataset=data, progress=False, plots=False)
+    q = pd.read_csv(tmp_path / "q" / "quantization.csv", keep_default_na=False).set_index(["format", "name"])
+    assert q.loc[("q3.13", "1.running_var"), "saturated"] == 1
+    assert q.loc[("q3.13", "1.running_var"), "batchnorm_stat"] == "running_var"
+    assert q.loc[("fp32", "1.running_var"), "saturated"] == 0
+    crushed = [r.getMessage() for r in caplog.records if "crushes" in r.getMessage()]
+    assert len(crushed) == 1 and "q3.13 crushes '1.running_var'" in crushed[0]
+    cfg = dataclasses.replace(cfg, bn_stats=False, out=str(tmp_path / "r"))
+    run_campaign(cfg, model=m, dataset=data, progress=False, plots=False)
+    names = set(pd.read_csv(tmp_path / "r" / "quantization.csv")["name"])
+    assert "1.running_var" not in names and "1.weight" in names
+
+
+def test_clean_collapse_is_warned(tmp_path, model, caplog):
+    """A format that costs more than 0.1 of the golden top-1 before any fault says so."""
+    import logging
+
+    cfg = _cfg(tmp_path, formats=("int2",), ber=(1e-4,), reps=1)
+    with caplog.at_level(logging.WARNING, logger="qfi"):
+        res = _run(cfg, model)
+    s = res.summary.iloc[0]
+    assert s["golden_top1"] - s["clean_top1"] > 0.1
+    assert any("the format itself destroys" in r.getMessage() for r in caplog.records)

@@ -93,7 +93,8 @@ def test_warnings_name_the_crushed_tensors(cnn):
     w8 = quantization_warnings(quantization_report(cnn, "int8", bn_stats=True))
     assert len(w8) == 1 and "'1.running_var'" in w8[0] and "50.0% underflow to 0" in w8[0]
     assert quantization_warnings(quantization_report(cnn, "fp32", bn_stats=True)) == []
-    assert quantization_warnings(quantization_report(cnn, "int8_per_channel", names="running", bn_stats=True)) == []
+    per_channel = quantization_report(cnn, "int8_per_channel", names="running", bn_stats=True)
+    assert quantization_warnings(per_channel) == []
     # fp8_e4m3 (max 448) saturates 566 only; thresholds are arguments
     e4 = quantization_report(cnn, "fp8_e4m3", names="running_var", bn_stats=True)
     assert e4["saturated"].tolist() == [1]
