@@ -31,7 +31,7 @@ import qfi
 from qfi.config import CampaignConfig, parse_bits
 from qfi.errors import Interrupted, NonFiniteBaseline, OutputFolderBusy, QfiError
 from qfi.evaluate import EvalResult, Evaluator
-from qfi.results import DETAIL_COLUMNS, summarize, write_tables
+from qfi.results import detail_columns, metric_columns_of, summarize, write_tables
 from quant_schemes import get_format
 
 log = logging.getLogger("qfi")
@@ -161,15 +161,21 @@ def _versions() -> dict[str, str]:
     }
 
 
+#: calibration data is scored by nothing: a metric that needs no targets
+_NO_TARGETS = "cosine"
+
 _INT_COLUMNS = ("count", "bit", "rep", "seed", "flips", "evaluated")
 _TEXT_COLUMNS = ("format", "target", "names", "fault", "bit_name")
 
 
-def _finished_rows(path: Path) -> dict[tuple[str, ...], dict[str, str]]:
+def _finished_rows(
+    path: Path, metric_columns: tuple[str, ...] | None = None
+) -> dict[tuple[str, ...], dict[str, str]]:
     """The complete rows of an existing ``detail.csv`` by trial key, the first of duplicated keys
     kept (a half-written last line, left by a kill, is ignored).  A row that is not what qfi
     writes (hand-edited, truncated in the middle, another tool's file) is a QfiError naming the
-    file, the line and the column."""
+    file, the line and the column.  ``metric_columns`` (None: whatever the header says, for a
+    metric plug-in whose columns are not known yet) fixes the expected header."""
     if not path.exists():
         return {}
     raw = path.read_bytes()
@@ -180,16 +186,20 @@ def _finished_rows(path: Path) -> dict[tuple[str, ...], dict[str, str]]:
         raise QfiError(f"{path} is not a text CSV; use another --out or --fresh") from None
     reader = csv.DictReader(text.splitlines())
     rows = list(reader)
-    if (rows or reader.fieldnames) and list(reader.fieldnames or ()) != list(DETAIL_COLUMNS):
-        raise QfiError(f"{path} has other columns than this version of qfi writes; use --fresh")
+    header = list(reader.fieldnames or ())
+    expected = detail_columns(metric_columns) if metric_columns else None
+    if (rows or header) and (metric_columns_of(header) is None or (expected and tuple(header) != expected)):
+        raise QfiError(
+            f"{path} has other columns than this version of qfi writes for this metric; use --fresh"
+        )
     done: dict[tuple[str, ...], dict[str, str]] = {}
     for line, r in enumerate(rows, start=2):
-        _check_row(path, line, r)
+        _check_row(path, line, r, header)
         done.setdefault(_row_key(r), r)
     return done
 
 
-def _check_row(path: Path, line: int, r: dict[str, Any]) -> None:
+def _check_row(path: Path, line: int, r: dict[str, Any], columns: list[str]) -> None:
     def bad(col: str, why: str) -> QfiError:
         return QfiError(
             f"{path}, line {line}: column {col!r} {why}; the file was edited or is corrupt: "
@@ -198,7 +208,7 @@ def _check_row(path: Path, line: int, r: dict[str, Any]) -> None:
 
     if None in r or any(v is None for v in r.values()):
         raise bad("(row)", "has another number of fields than the header")
-    for c in DETAIL_COLUMNS:
+    for c in columns:
         v = r[c]
         if c in _TEXT_COLUMNS:
             continue
@@ -222,27 +232,33 @@ class _DetailLog:
     finished rows are first written back once per trial key (dropping duplicates and a
     half-written last line a kill may have left)."""
 
-    def __init__(self, path: Path, done: dict[tuple[str, ...], dict[str, str]]) -> None:
-        self.path = path
+    def __init__(
+        self, path: Path, done: dict[tuple[str, ...], dict[str, str]], columns: tuple[str, ...]
+    ) -> None:
+        self.path, self.columns = path, columns
         if done:
-            buf = io.StringIO()
-            w = csv.writer(buf, lineterminator="\n")
-            w.writerow(DETAIL_COLUMNS)
-            for r in done.values():
-                w.writerow([r[c] for c in DETAIL_COLUMNS])
-            _atomic_write(path, buf.getvalue())
+            _atomic_write(path, _csv_text(columns, done.values()))
         self.f = open(path, "a" if done else "w", newline="")
         self.w = csv.writer(self.f, lineterminator="\n")
         if not done:
-            self.w.writerow(DETAIL_COLUMNS)
+            self.w.writerow(columns)
             self.f.flush()
 
     def add(self, row: dict[str, Any]) -> None:
-        self.w.writerow([_fmt(row[c]) for c in DETAIL_COLUMNS])
+        self.w.writerow([_fmt(row[c]) for c in self.columns])
         self.f.flush()
 
     def close(self) -> None:
         self.f.close()
+
+
+def _csv_text(columns: tuple[str, ...], rows: Any) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    for r in rows:
+        w.writerow([r[c] for c in columns])
+    return buf.getvalue()
 
 
 def _fmt(v: Any) -> str:
@@ -400,14 +416,17 @@ def _format_session(
             yield s
 
 
-def _calibration_inputs(batches: list[torch.Tensor], n: int) -> list[torch.Tensor]:
+def _calibration_inputs(batches: list[Any], n: int) -> list[Any]:
     """The first ``n`` samples of ``batches`` (activation scales are calibrated on them, then frozen)."""
+    from qfi.evaluate import batch_len, slice_inputs
+
     out, seen = [], 0
     for x in batches:
         if seen >= n:
             break
-        out.append(x[: n - seen])
-        seen += len(out[-1])
+        k = min(batch_len(x), n - seen)
+        out.append(slice_inputs(x, k))
+        seen += k
     return out
 
 
@@ -545,7 +564,9 @@ def _prepare(
         )
     else:
         data_spec = f"<{type(dataset).__name__} passed to run_campaign>"
-    evaluator = Evaluator(dataset, batch_size=cfg.batch_size, device=device, limit=cfg.limit)
+    evaluator = Evaluator(
+        dataset, batch_size=cfg.batch_size, device=device, limit=cfg.limit, metric=cfg.metric
+    )
     calib: list[torch.Tensor] = []
     calib_info = None
     if cfg.target == "activations":
@@ -557,7 +578,7 @@ def _prepare(
             calib_set = zoo.load_data(
                 calib_spec, split="train", image_size=cfg.image_size, mean=cfg.mean, std=cfg.std
             )
-            source = Evaluator(calib_set, cfg.batch_size, device, cfg.calibrate)
+            source = Evaluator(calib_set, cfg.batch_size, device, cfg.calibrate, metric=_NO_TARGETS)
         calib = _calibration_inputs(source.inputs(), cfg.calibrate)
         calib_info = {
             "spec": calib_spec or "the first evaluation samples",
@@ -592,10 +613,11 @@ def _run_locked(
 
     out = state.out
     manifest_path, detail_path = out / "manifest.json", out / "detail.csv"
+    metric = evaluator.metric
     done: dict[tuple[str, ...], dict[str, str]] = {}
     if not fresh:
         _check_out_folder(out, fresh)  # again, now under the lock
-        done = _finished_rows(detail_path)
+        done = _finished_rows(detail_path, metric.columns or None)
         old = _read_manifest(manifest_path)
         if done and old is None:
             raise QfiError(
@@ -616,8 +638,16 @@ def _run_locked(
     resumed = len(keyed) - len(todo)
     evals_before = evaluator.calls
     golden = evaluator(model) if todo else None
+    golden_values: dict[str, float] = {}
     if golden is not None:
         _check_baseline(cfg, golden, "golden (fp32, no emulation)", model, evaluator)
+        golden_values = golden.values()  # also fixes the columns of a metric plug-in
+    if not metric.columns:  # a plug-in metric, nothing left to run: its columns are in the file
+        found = metric_columns_of(_header(detail_path))
+        if not found:
+            raise QfiError(f"{detail_path}: cannot tell the columns of metric {metric.name!r}; use --fresh")
+        metric.columns, metric.primary = found, found[0]  # type: ignore[misc]
+    columns = detail_columns(metric.columns)
 
     if not done:  # a fresh campaign must not leave an earlier one's tables and plots behind
         for stale in _OUTPUTS:
@@ -644,7 +674,7 @@ def _run_locked(
 
     if not done:
         state.wrote.append(detail_path)
-    detail = _DetailLog(detail_path, done)
+    detail = _DetailLog(detail_path, done, columns)
     with contextlib.ExitStack() as stack:
         stack.callback(detail.close)
         if todo:
@@ -665,10 +695,13 @@ def _run_locked(
                     clean = evaluator(model)
                     what = f"clean ({fmt_name}, names {names or 'all'!r})"
                     _check_baseline(cfg, clean, what, model, evaluator)
-                    _warn_if_crushed(what, clean, golden)
+                    clean_values = clean.values(golden)
+                    _warn_if_crushed(what, metric, clean_values, golden_values)
+                    base = {f"clean_{c}": clean_values[c] for c in metric.columns}
+                    base.update({f"golden_{c}": golden_values[c] for c in metric.columns})
                     for t in group:
                         res, flips, evaluated = _run_trial(cfg, session, t, model, evaluator, clean, shortcut)
-                        detail.add(_row(cfg, fmt, t, res, flips, evaluated, clean, golden))
+                        detail.add(_row(cfg, fmt, t, res, flips, evaluated, clean, base))
                         state.rows += 1
                         bar.set_postfix_str(
                             f"{fmt_name} {t.fault}={t.ber if t.fault == 'ber' else t.count} bit={t.bit}",
@@ -680,17 +713,12 @@ def _run_locked(
 
     # Canonical order (plan order), one row per trial key, so a resumed run writes exactly the
     # same file as an uninterrupted one.
-    rows = _finished_rows(detail_path)
+    rows = _finished_rows(detail_path, metric.columns)
     ordered = sorted((r for k, r in rows.items() if k in keyed), key=lambda r: keyed[_row_key(r)].index)
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(DETAIL_COLUMNS)
-    for r in ordered:
-        w.writerow([r[c] for c in DETAIL_COLUMNS])
-    _atomic_write(detail_path, buf.getvalue())
+    _atomic_write(detail_path, _csv_text(columns, ordered))
     detail_df = pd.read_csv(detail_path, keep_default_na=False)
-    summary = summarize(detail_df)
-    write_tables(detail_df, summary, out, plots=plots)
+    summary = summarize(detail_df, metric)
+    write_tables(detail_df, summary, out, plots=plots, metric=metric)
     seconds = time.perf_counter() - t0
     return CampaignResult(
         out, detail_df, summary, len(todo), resumed, evaluator.calls - evals_before, seconds
@@ -718,6 +746,14 @@ def _write_quantization_report(cfg: CampaignConfig, model: nn.Module, path: Path
                 log.warning("%s%s; see %s", lines[0], more, path)
     table = pd.concat(frames, ignore_index=True)
     _atomic_write(path, table.to_csv(index=False, float_format="%.6g", lineterminator="\n"))
+
+
+def _header(path: Path) -> list[str]:
+    try:
+        with open(path, newline="") as f:
+            return next(csv.reader(f), [])
+    except OSError:
+        return []
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -802,15 +838,20 @@ def _floats_in(obj: object, depth: int = 0) -> list[torch.Tensor]:
     return []
 
 
-def _warn_if_crushed(what: str, clean: EvalResult, golden: EvalResult | None) -> None:
-    """One warning line when quantizing alone costs much of the golden accuracy."""
-    if golden is not None and golden.top1 - clean.top1 > 0.1:
+def _warn_if_crushed(what: str, metric: Any, clean: dict[str, float], golden: dict[str, float]) -> None:
+    """One warning line when quantizing alone costs much of the golden score (a drop of more than
+    0.1 where higher is better, top-1 or cosine; a rise of more than 10% where lower is better)."""
+    p = metric.primary
+    c, g = clean[p], golden[p]
+    crushed = g - c > 0.1 if metric.higher_is_better else c > 1.1 * g + 1e-12
+    if crushed:
         log.warning(
-            "%s top-1 is %.4f against golden %.4f: the format itself destroys much of the model "
+            "%s %s is %.4g against golden %.4g: the format itself destroys much of the model "
             "before any fault (see quantization.csv)",
             what,
-            clean.top1,
-            golden.top1,
+            p,
+            c,
+            g,
         )
 
 
@@ -822,8 +863,10 @@ def _row(
     flips: int,
     evaluated: bool,
     clean: EvalResult,
-    golden: EvalResult,
+    base: dict[str, float],
 ) -> dict[str, Any]:
+    """One detail row: the trial's keys, its metric values (relative ones against clean), SDC and
+    DUE, and the clean and golden values of the group (``base``)."""
     return {
         "format": t.format,
         "target": cfg.target,
@@ -836,14 +879,10 @@ def _row(
         "rep": t.rep,
         "seed": t.seed,
         "flips": flips,
-        "top1": res.top1,
-        "top5": res.top5,
+        **res.values(clean),
         "sdc": res.sdc(clean),
         "sdc_any": res.sdc_any(clean),
         "due": res.due,
-        "clean_top1": clean.top1,
-        "clean_top5": clean.top5,
-        "golden_top1": golden.top1,
-        "golden_top5": golden.top5,
+        **base,
         "evaluated": evaluated,
     }

@@ -91,6 +91,13 @@ def _common(p: argparse.ArgumentParser, *, sweep: bool = True, out: str = "") ->
         "also globs (*attention*) and 're:<regex>'. Repeat for several name groups",
     )
     g.add_argument("--exclude", default="", help="names to leave out, same syntax as --names")
+    if sweep:
+        g.add_argument(
+            "--metric",
+            default="top1",
+            help="how a trial is scored: top1 (default), cosine (output drift against clean; "
+            "cosine?threshold=0.95&key=<output key>), loss, perplexity, or module:callable",
+        )
     g.add_argument(
         "--bn-stats",
         action="store_true",
@@ -264,6 +271,7 @@ def _config(a: argparse.Namespace, formats: str) -> Any:
         calibrate_data=a.calibrate_data,
         dynamic=a.dynamic,
         output_key=a.output_key,
+        metric=a.metric,
         bn_stats=a.bn_stats,
         allow_nonfinite=a.allow_nonfinite,
         out=a.out,

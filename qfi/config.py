@@ -145,6 +145,9 @@ class CampaignConfig:
     from ``calibrate_data`` (a data spec, e.g. ``imagefolder:<train dir>``) when given, else from
     the training split of the embedded digits, else from the first evaluation samples (which then
     also score the trials: fine for relative comparisons, optimistic for absolute accuracy).
+    ``metric`` scores each pass (``qfi.metrics``): ``top1`` (default), ``cosine`` (drift of the
+    outputs against clean; options ``cosine?threshold=0.95&key=pooler_output``), ``loss``,
+    ``perplexity``, or a ``module:callable`` plug-in.
     ``bn_stats`` adds the running statistics of BatchNorm layers to the selectable weights (left
     out by default: quantized hardware folds them into the convolutions; see ``qfi.qerror``).
     ``output_key`` chooses which floating tensor of a module output carries the faults (a key of a
@@ -175,6 +178,7 @@ class CampaignConfig:
     calibrate_data: str | None = None
     dynamic: bool = False
     output_key: str | None = None
+    metric: str = "top1"
     bn_stats: bool = False
     allow_nonfinite: bool = False
     out: str = "qfi-results"
@@ -244,6 +248,15 @@ class CampaignConfig:
             set_("output_key", str(self.output_key))
             if self.target != "activations":
                 raise QfiError("output_key applies to target 'activations' only (a module output's tensor)")
+        if not isinstance(self.metric, str):
+            raise QfiError(f"metric {self.metric!r} must be a string: 'top1', 'cosine', 'module:fn', ...")
+        from qfi.metrics import parse_spec
+
+        name, _ = parse_spec(self.metric)
+        if ":" not in name:  # a built-in: options checked now; plug-ins are imported when the run starts
+            from qfi.metrics import get_metric
+
+            get_metric(self.metric)
         if self.bn_stats and self.target != "weights":
             raise QfiError("bn_stats applies to target 'weights' only (BatchNorm running statistics)")
         if self.dynamic and self.target != "activations":

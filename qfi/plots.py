@@ -35,10 +35,23 @@ def bit_role(fmt_name: str, bit: int) -> str:
     return get_format(fmt_name).bit_roles[bit]
 
 
-def _err(df: pd.DataFrame) -> np.ndarray:
-    lo = (df["top1_mean"] - df["top1_ci_low"]).fillna(0).clip(lower=0).to_numpy()
-    hi = (df["top1_ci_high"] - df["top1_mean"]).fillna(0).clip(lower=0).to_numpy()
+def _err(df: pd.DataFrame, p: str) -> np.ndarray:
+    lo = (df[f"{p}_mean"] - df[f"{p}_ci_low"]).fillna(0).clip(lower=0).to_numpy()
+    hi = (df[f"{p}_ci_high"] - df[f"{p}_mean"]).fillna(0).clip(lower=0).to_numpy()
     return np.vstack([lo, hi])
+
+
+_LABELS = {"top1": "top-1 accuracy", "cos_mean": "mean cosine to clean", "loss": "loss",
+           "perplexity": "perplexity"}
+
+
+def _metric(metric: object) -> tuple[str, str, tuple[float, float] | None]:
+    """(primary column, axis label, y range) of a metric (default top1)."""
+    if metric is None:
+        return "top1", _LABELS["top1"], (0.0, 1.02)
+    p = metric.primary  # type: ignore[attr-defined]
+    b = metric.bounds  # type: ignore[attr-defined]
+    return p, _LABELS.get(p, p), None if b is None else (b[0], b[1] + 0.02 * (b[1] - b[0]))
 
 
 def _cond_label(r: pd.Series) -> str:
@@ -47,10 +60,12 @@ def _cond_label(r: pd.Series) -> str:
     return f"{r['target']} [{names}], {what}"
 
 
-def plot_per_bit(per_bit: pd.DataFrame, path: Path) -> Path:
-    """Top-1 accuracy per bit position (bars, 95% CI whiskers, coloured by bit role), one panel per
-    (format, condition); bit 0 (LSB) on the right, as in a bit-layout diagram."""
+def plot_per_bit(per_bit: pd.DataFrame, path: Path, metric: object = None) -> Path:
+    """The metric's primary value (top-1 accuracy) per bit position (bars, 95% CI whiskers,
+    coloured by bit role), one panel per (format, condition); bit 0 (LSB) on the right, as in a
+    bit-layout diagram."""
     plt = _pyplot()
+    p, ylabel, ylim = _metric(metric)
     keys = ["format", "target", "names", "fault", "ber", "count"]
     panels = list(per_bit.groupby(keys, sort=False, dropna=False))
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.0 * len(panels)), squeeze=False)
@@ -63,12 +78,13 @@ def plot_per_bit(per_bit: pd.DataFrame, path: Path) -> Path:
             roles_of_bits = [bit_role(key[0], int(b)) for b in bits]
         colours = [ROLE_COLOURS.get(r, "grey") for r in roles_of_bits]
         x = np.arange(len(bits))
-        ax.bar(x, df["top1_mean"], color=colours, yerr=_err(df), capsize=2, ecolor="black", linewidth=0)
-        ax.axhline(df["clean_top1"].iloc[0], color="black", ls="--", lw=1, label="clean (quantized)")
-        ax.axhline(df["golden_top1"].iloc[0], color="grey", ls=":", lw=1, label="golden fp32")
+        ax.bar(x, df[f"{p}_mean"], color=colours, yerr=_err(df, p), capsize=2, ecolor="black", linewidth=0)
+        ax.axhline(df[f"clean_{p}"].iloc[0], color="black", ls="--", lw=1, label="clean (quantized)")
+        ax.axhline(df[f"golden_{p}"].iloc[0], color="grey", ls=":", lw=1, label="golden fp32")
         ax.set_xticks(x, [str(int(b)) for b in bits], fontsize=7)
-        ax.set_ylim(0, 1.02)
-        ax.set_ylabel("top-1")
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+        ax.set_ylabel(ylabel)
         ax.set_title(f"{key[0]}: {_cond_label(df.iloc[0])}", fontsize=10, loc="left")
         roles = dict.fromkeys(roles_of_bits)
         handles = [plt.Rectangle((0, 0), 1, 1, color=ROLE_COLOURS.get(r, "grey")) for r in roles]
@@ -90,9 +106,11 @@ def plot_per_bit(per_bit: pd.DataFrame, path: Path) -> Path:
     return Path(path)
 
 
-def plot_vs_ber(per_format: pd.DataFrame, path: Path) -> Path:
-    """Mean top-1 (95% CI band) against BER on a log axis, one line per format and name group."""
+def plot_vs_ber(per_format: pd.DataFrame, path: Path, metric: object = None) -> Path:
+    """The mean primary value (top-1; 95% CI band) against BER on a log axis, one line per format
+    and name group."""
     plt = _pyplot()
+    p, ylabel, ylim = _metric(metric)
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for (fmt, _target, names), df in per_format.groupby(
         ["format", "target", "names"], sort=False, dropna=False
@@ -102,20 +120,23 @@ def plot_vs_ber(per_format: pd.DataFrame, path: Path) -> Path:
         if df.empty:
             continue
         label = fmt if per_format["names"].nunique() == 1 else f"{fmt} [{names or 'all'}]"
-        line = ax.plot(df["ber"], df["top1_mean"], marker="o", ms=4, label=label)[0]
+        line = ax.plot(df["ber"], df[f"{p}_mean"], marker="o", ms=4, label=label)[0]
         ax.fill_between(
             df["ber"],
-            df["top1_ci_low"].fillna(df["top1_mean"]),
-            df["top1_ci_high"].fillna(df["top1_mean"]),
+            df[f"{p}_ci_low"].fillna(df[f"{p}_mean"]),
+            df[f"{p}_ci_high"].fillna(df[f"{p}_mean"]),
             color=line.get_color(),
             alpha=0.15,
         )
-    ax.axhline(per_format["golden_top1"].iloc[0], color="grey", ls=":", lw=1, label="golden fp32")
+    ax.axhline(per_format[f"golden_{p}"].iloc[0], color="grey", ls=":", lw=1, label="golden fp32")
     ax.set_xscale("log")
-    ax.set_ylim(0, 1.02)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    else:
+        ax.set_yscale("log")
     ax.set_xlabel("bit error rate")
-    ax.set_ylabel("top-1 accuracy")
-    ax.set_title(f"{per_format['target'].iloc[0]} faults: accuracy vs BER")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{per_format['target'].iloc[0]} faults: {ylabel} vs BER")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

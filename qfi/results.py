@@ -21,29 +21,33 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-DETAIL_COLUMNS = (
-    "format",
-    "target",
-    "names",
-    "fault",
-    "ber",
-    "count",
-    "bit",
-    "bit_name",
-    "rep",
-    "seed",
-    "flips",
-    "top1",
-    "top5",
-    "sdc",
-    "sdc_any",
-    "due",
-    "clean_top1",
-    "clean_top5",
-    "golden_top1",
-    "golden_top5",
-    "evaluated",
-)
+_KEYS = ("format", "target", "names", "fault", "ber", "count", "bit", "bit_name", "rep", "seed", "flips")
+
+
+def detail_columns(metric_columns: tuple[str, ...] = ("top1", "top5")) -> tuple[str, ...]:
+    """The columns of ``detail.csv`` for a metric with ``metric_columns`` (see ``qfi.metrics``)."""
+    return (
+        *_KEYS,
+        *metric_columns,
+        "sdc",
+        "sdc_any",
+        "due",
+        *(f"clean_{c}" for c in metric_columns),
+        *(f"golden_{c}" for c in metric_columns),
+        "evaluated",
+    )
+
+
+def metric_columns_of(columns: list[str] | tuple[str, ...]) -> tuple[str, ...] | None:
+    """The metric columns of a ``detail.csv`` header (None when it is not one qfi writes)."""
+    cols = tuple(columns)
+    if len(cols) < len(_KEYS) + 4 or cols[: len(_KEYS)] != _KEYS or "sdc" not in cols:
+        return None
+    metric = cols[len(_KEYS) : cols.index("sdc")]
+    return metric if detail_columns(metric) == cols else None
+
+
+DETAIL_COLUMNS = detail_columns()  # the default metric, top1
 CONDITION = ["format", "target", "names", "fault", "ber", "count", "bit", "bit_name"]
 
 
@@ -54,96 +58,114 @@ def t_quantile_975(dof: np.ndarray) -> np.ndarray:
     return t.ppf(0.975, dof)
 
 
-#: detail columns that are not metrics to average (keys, identities, baselines, flags)
-_NOT_AVERAGED = frozenset(CONDITION) | {
-    "rep", "seed", "flips", "top1", "top5", "sdc", "due",
-    "clean_top1", "clean_top5", "golden_top1", "golden_top5", "evaluated",
-}
+def _metric(metric: object) -> object:
+    if metric is None:
+        from qfi.metrics import Top1
+
+        return Top1()
+    return metric
 
 
-def summarize(detail: pd.DataFrame) -> pd.DataFrame:
-    """One row per condition: trials, mean flips, mean/std of top-1 and top-5, the 95% confidence
-    interval of mean top-1 (Student t over repetitions, clipped to [0, 1]), mean SDC and DUE,
-    the mean of every other numeric detail column (``sdc_any`` -> ``sdc_any_mean``, after
-    ``due_mean``; absent columns are simply not there), the clean and golden baselines."""
+def summarize(detail: pd.DataFrame, metric: object = None) -> pd.DataFrame:
+    """One row per condition: trials, mean flips, mean/std of every metric column (top1: top-1
+    and top-5), the 95% confidence interval of the primary value's mean (Student t over
+    repetitions, clipped to the metric's range: [0, 1] for accuracy), mean SDC and DUE, the mean
+    of every other numeric detail column (``sdc_any`` -> ``sdc_any_mean``, after ``due_mean``),
+    the clean and golden baselines.  ``metric`` is a ``qfi.metrics.Metric`` (default top1)."""
+    m = _metric(metric)
+    cols, p = tuple(m.columns), m.primary  # type: ignore[attr-defined]
     if detail.empty:
         return pd.DataFrame(columns=CONDITION + ["trials"])
+    not_averaged = (
+        set(CONDITION) | {"rep", "seed", "flips", "sdc", "due", "evaluated"} | set(cols)
+        | {f"clean_{c}" for c in cols} | {f"golden_{c}" for c in cols}
+    )
     extra = [
         c for c in detail.columns
-        if c not in _NOT_AVERAGED and pd.api.types.is_numeric_dtype(detail[c])
+        if c not in not_averaged and pd.api.types.is_numeric_dtype(detail[c])
         and not pd.api.types.is_bool_dtype(detail[c])
     ]
     g = detail.groupby(CONDITION, sort=False, dropna=False)
-    s = g.agg(
-        trials=("top1", "size"),
-        flips_mean=("flips", "mean"),
-        top1_mean=("top1", "mean"),
-        top1_std=("top1", "std"),
-        top5_mean=("top5", "mean"),
-        top5_std=("top5", "std"),
-        sdc_mean=("sdc", "mean"),
-        due_mean=("due", "mean"),
-        **{f"{c}_mean": (c, "mean") for c in extra},
-        clean_top1=("clean_top1", "first"),
-        clean_top5=("clean_top5", "first"),
-        golden_top1=("golden_top1", "first"),
-        golden_top5=("golden_top5", "first"),
-        evaluated=("evaluated", "sum"),
-    ).reset_index()
+    agg: dict[str, tuple[str, str]] = {"trials": (p, "size"), "flips_mean": ("flips", "mean")}
+    for c in cols:
+        agg[f"{c}_mean"] = (c, "mean")
+        agg[f"{c}_std"] = (c, "std")
+    agg.update(sdc_mean=("sdc", "mean"), due_mean=("due", "mean"))
+    agg.update({f"{c}_mean": (c, "mean") for c in extra})
+    agg.update({f"clean_{c}": (f"clean_{c}", "first") for c in cols})
+    agg.update({f"golden_{c}": (f"golden_{c}", "first") for c in cols})
+    agg["evaluated"] = ("evaluated", "sum")
+    s = g.agg(**agg).reset_index()
     n = s["trials"].to_numpy(dtype=float)
-    std = s["top1_std"].to_numpy(dtype=float)
+    std = s[f"{p}_std"].to_numpy(dtype=float)
     with np.errstate(invalid="ignore", divide="ignore"):
         half = np.where(n > 1, t_quantile_975(np.maximum(n - 1, 1)) * std / np.sqrt(n), np.nan)
-    # accuracy lives in [0, 1]: clip the t interval there
-    s.insert(s.columns.get_loc("top1_std") + 1, "top1_ci_low", (s["top1_mean"] - half).clip(lower=0.0))
-    s.insert(s.columns.get_loc("top1_ci_low") + 1, "top1_ci_high", (s["top1_mean"] + half).clip(upper=1.0))
+    lo, hi = m.bounds or (None, None)  # type: ignore[attr-defined]
+    s.insert(s.columns.get_loc(f"{p}_std") + 1, f"{p}_ci_low", (s[f"{p}_mean"] - half).clip(lower=lo))
+    s.insert(s.columns.get_loc(f"{p}_ci_low") + 1, f"{p}_ci_high", (s[f"{p}_mean"] + half).clip(upper=hi))
     return s
 
 
-_METRICS = ["trials", "flips_mean", "top1_mean", "top1_ci_low", "top1_ci_high", "top1_drop", "sdc_mean"]
-_BASELINES = ["clean_top1", "golden_top1"]
-PER_BIT_COLUMNS = (
-    "format", "target", "names", "fault", "ber", "count", "bit", "bit_name", "bit_role",
-    *_METRICS, "due_mean", *_BASELINES,
-)  # fmt: skip
-PER_FORMAT_COLUMNS = (
-    "format", "target", "names", "fault", "ber", "count", *_METRICS, "due_mean", *_BASELINES,
-)  # fmt: skip
+_CONDITION_BIT = ("format", "target", "names", "fault", "ber", "count", "bit", "bit_name", "bit_role")
+_CONDITION_ANY = ("format", "target", "names", "fault", "ber", "count")
 
 
-def _view(summary: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
-    """``columns`` of ``summary`` plus ``top1_drop``; extra ``*_mean`` metrics (``sdc_any_mean``)
-    follow ``sdc_mean``."""
-    df = summary.assign(top1_drop=summary["clean_top1"] - summary["top1_mean"])
-    known = {"top1_mean", "top5_mean", "flips_mean", "sdc_mean", "due_mean"}
-    extra = [c for c in summary.columns if c.endswith("_mean") and c not in known]
-    cols = list(columns)
+def _view_columns(m: object, condition: tuple[str, ...]) -> list[str]:
+    p = m.primary  # type: ignore[attr-defined]
+    change = f"{p}_drop" if m.higher_is_better else f"{p}_rise"  # type: ignore[attr-defined]
+    return [
+        *condition, "trials", "flips_mean", f"{p}_mean", f"{p}_ci_low", f"{p}_ci_high", change,
+        "sdc_mean", "due_mean", f"clean_{p}", f"golden_{p}",
+    ]  # fmt: skip
+
+
+PER_BIT_COLUMNS = tuple(_view_columns(_metric(None), _CONDITION_BIT))
+PER_FORMAT_COLUMNS = tuple(_view_columns(_metric(None), _CONDITION_ANY))
+
+
+def _view(summary: pd.DataFrame, m: object, condition: tuple[str, ...]) -> pd.DataFrame:
+    """The view's columns of ``summary`` plus the primary value's change from clean
+    (``top1_drop = clean - mean`` for metrics where higher is better, ``loss_rise = mean - clean``
+    otherwise); extra ``*_mean`` values (other metric columns, ``sdc_any_mean``) follow
+    ``sdc_mean``."""
+    p = m.primary  # type: ignore[attr-defined]
+    cols = _view_columns(m, condition)
+    change = cols[condition.__len__() + 5]
+    sign = 1 if m.higher_is_better else -1  # type: ignore[attr-defined]
+    df = summary.assign(**{change: sign * (summary[f"clean_{p}"] - summary[f"{p}_mean"])})
+    known = {f"{c}_mean" for c in m.columns} | {"flips_mean", "sdc_mean", "due_mean"}  # type: ignore[attr-defined]
+    extra = [
+        c for c in summary.columns
+        if c.endswith("_mean") and c not in known and not c.startswith(("clean_", "golden_"))
+    ]
     at = cols.index("sdc_mean") + 1
     cols[at:at] = extra
     return df[cols].reset_index(drop=True)
 
 
-def per_bit_table(summary: pd.DataFrame) -> pd.DataFrame:
+def per_bit_table(summary: pd.DataFrame, metric: object = None) -> pd.DataFrame:
     """One row per per-bit condition (``bit >= 0``) with ``PER_BIT_COLUMNS``: the bit's name and
     role from the format (``bit_names`` / ``bit_roles``), top-1 with CI and its drop from clean
     (``clean_top1 - top1_mean``), SDC, DUE."""
     from quant_schemes import get_format
 
+    m = _metric(metric)
     rows = summary[summary["bit"] >= 0] if not summary.empty else summary
     if rows.empty:
-        return pd.DataFrame(columns=list(PER_BIT_COLUMNS))
+        return pd.DataFrame(columns=_view_columns(m, _CONDITION_BIT))
     roles = {f: get_format(f).bit_roles for f in rows["format"].unique()}  # a few formats
     role = [roles[f][int(b)] for f, b in zip(rows["format"], rows["bit"], strict=True)]
-    return _view(rows.assign(bit_role=role), PER_BIT_COLUMNS)
+    return _view(rows.assign(bit_role=role), m, _CONDITION_BIT)
 
 
-def per_format_table(summary: pd.DataFrame) -> pd.DataFrame:
+def per_format_table(summary: pd.DataFrame, metric: object = None) -> pd.DataFrame:
     """One row per condition where any bit may flip (``bit < 0``: format comparisons, BER sweeps)
     with ``PER_FORMAT_COLUMNS``: top-1 with CI and its drop from clean, SDC, DUE, mean flips."""
+    m = _metric(metric)
     rows = summary[summary["bit"] < 0] if not summary.empty else summary
     if rows.empty:
-        return pd.DataFrame(columns=list(PER_FORMAT_COLUMNS))
-    return _view(rows, PER_FORMAT_COLUMNS)
+        return pd.DataFrame(columns=_view_columns(m, _CONDITION_ANY))
+    return _view(rows, m, _CONDITION_ANY)
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> Path:
@@ -154,12 +176,15 @@ def _write_csv(df: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def write_tables(detail: pd.DataFrame, summary: pd.DataFrame, out: Path, plots: bool = True) -> list[Path]:
+def write_tables(
+    detail: pd.DataFrame, summary: pd.DataFrame, out: Path, plots: bool = True, metric: object = None
+) -> list[Path]:
     """Write summary/per-bit/per-format CSVs (and PNG plots) next to ``detail.csv``; a view with
     no rows is not written."""
     out = Path(out)
+    m = _metric(metric)
     written = [_write_csv(summary, out / "summary.csv")]
-    per_bit, per_any = per_bit_table(summary), per_format_table(summary)
+    per_bit, per_any = per_bit_table(summary, m), per_format_table(summary, m)
     if not per_bit.empty:
         written.append(_write_csv(per_bit, out / "per_bit.csv"))
     if not per_any.empty:
@@ -168,8 +193,8 @@ def write_tables(detail: pd.DataFrame, summary: pd.DataFrame, out: Path, plots: 
         from qfi import plots as plotting
 
         if not per_bit.empty:
-            written.append(plotting.plot_per_bit(per_bit, out / "per_bit.png"))
+            written.append(plotting.plot_per_bit(per_bit, out / "per_bit.png", metric=m))
         ber = per_any[per_any["fault"] == "ber"]
         if not ber.empty and ber["ber"].nunique() > 1:
-            written.append(plotting.plot_vs_ber(ber, out / "per_format.png"))
+            written.append(plotting.plot_vs_ber(ber, out / "per_format.png", metric=m))
     return written

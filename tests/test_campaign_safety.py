@@ -418,8 +418,14 @@ def test_models_with_batchnorm_run_through_api_and_cli(tmp_path, monkeypatch):
 
 def test_sdc_counts_only_finite_outputs():
     """A NaN output is DUE, never SDC; sdc_any keeps the old union."""
-    ref = EvalResult(1.0, 1.0, 0.0, torch.tensor([1, 2, 3, 4]))
-    res = EvalResult(0.5, 0.5, 0.25, torch.tensor([1, 0, -1, 4]))  # sample 1 differs, sample 2 NaN
+    from qfi.metrics import Record, Top1
+
+    def result(pred):
+        rec = Record(n=4, per_sample={"pred": [torch.tensor(pred)]})
+        return EvalResult(Top1(), rec, torch.tensor(pred) >= 0)
+
+    ref = result([1, 2, 3, 4])
+    res = result([1, 0, -1, 4])  # sample 1 differs, sample 2 NaN
     assert res.sdc(ref) == 0.25 and res.due == 0.25 and res.sdc_any(ref) == 0.5
 
 
