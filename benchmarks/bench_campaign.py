@@ -85,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=None, help="campaigns to time (default 3; smoke 1)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="one small round on 64 images (seconds)")
+    ap.add_argument("--metric", default="top1", help="campaign metric: top1 (default), cosine, loss, ...")
     a = ap.parse_args(argv)
     reps = a.reps if a.reps is not None else 2 if a.smoke else 30
     n_rounds = a.rounds if a.rounds is not None else 1 if a.smoke else 3
@@ -103,7 +104,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         for r in range(n_rounds):
             out = os.path.join(tmp, f"round{r}")
             cfg = CampaignConfig(
-                formats=("fp32", "int8"), ber=(1e-5, 1e-4), reps=reps, limit=limit, device="cpu", out=out
+                formats=("fp32", "int8"), ber=(1e-5, 1e-4), reps=reps, limit=limit, device="cpu", out=out,
+                metric=a.metric,
             )
             with clock_evaluations() as clock:
                 t = time.perf_counter()
@@ -115,14 +117,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         from qfi.results import write_tables
 
         t = time.perf_counter()
-        write_tables(res.detail, res.summary, res.out, plots=True)
+        write_tables(res.detail, res.summary, res.out, plots=True, metric=res.metric)
         t_plots = time.perf_counter() - t
 
     last = rounds[-1]
     images = 450 if limit is None else limit
     print(
         f"campaign: {last.trials} trials, {last.evaluations} evaluations of {images} images (golden + "
-        f"clean per format included), {len(rounds)} round(s), torch {torch.__version__}, "
+        f"clean per format included), metric {a.metric}, {len(rounds)} round(s), torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
     for i, r in enumerate(rounds):

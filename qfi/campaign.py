@@ -123,6 +123,7 @@ class CampaignResult:
     trials_resumed: int
     evaluations: int  # model passes over the data in this call, golden and clean included
     seconds: float
+    metric: Any = None  # the qfi.metrics.Metric that scored the trials
 
 
 def model_hash(model: nn.Module) -> str:
@@ -716,12 +717,15 @@ def _run_locked(
     rows = _finished_rows(detail_path, metric.columns)
     ordered = sorted((r for k, r in rows.items() if k in keyed), key=lambda r: keyed[_row_key(r)].index)
     _atomic_write(detail_path, _csv_text(columns, ordered))
-    detail_df = pd.read_csv(detail_path, keep_default_na=False)
+    # names stay strings ("" = everything, even a filter spelled "nan"); metric values may be NaN
+    # (cosine of a trial whose every output is non-finite)
+    nan = {c: ["nan"] for c in columns if c not in _TEXT_COLUMNS}
+    detail_df = pd.read_csv(detail_path, keep_default_na=False, na_values=nan)
     summary = summarize(detail_df, metric)
     write_tables(detail_df, summary, out, plots=plots, metric=metric)
     seconds = time.perf_counter() - t0
     return CampaignResult(
-        out, detail_df, summary, len(todo), resumed, evaluator.calls - evals_before, seconds
+        out, detail_df, summary, len(todo), resumed, evaluator.calls - evals_before, seconds, metric
     )
 
 

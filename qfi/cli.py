@@ -331,8 +331,10 @@ def cmd_names(a: argparse.Namespace) -> int:
     model = zoo.load_model(a.model, weights=a.weights)
     example = None
     if a.target == "activations":
+        from qfi.evaluate import Evaluator
+
         ds = zoo.load_data(a.data or zoo.default_data_for(a.model), split="test")
-        example = ds[0][0][None]
+        example = Evaluator(ds, batch_size=1, limit=1, metric="cosine").inputs()[0]  # any sample shape
     if a.target == "weights":
         infos = qfi.list_names(model, target="weights", bn_stats=a.bn_stats)
     else:

@@ -141,12 +141,16 @@ def _row(fmt, name: str, t: torch.Tensor) -> dict[str, object]:
     except FormatError as e:
         raise QfiError(f"cannot quantize {name!r} in {fmt.name}: {e}") from e
     sat, limit = _saturated(fmt, x, scale)
-    sat &= finite
-    under = finite & (x != 0) & (q == 0)
     n, nonfinite = x.numel(), int((~finite).sum())
-    err = (q.double() - x.double())[finite]
-    ref = x.double()[finite]
-    num, den = float((err * err).sum()), float((ref * ref).sum())
+    if nonfinite:
+        sat &= finite
+        under = finite & (x != 0) & (q == 0)
+        err, ref = (q.double() - x.double())[finite], x.double()[finite]
+    else:  # the common case: nothing to mask
+        under = (x != 0) & (q == 0)
+        err, ref = q.double() - x.double(), x
+    num = float(torch.sum(err.double() ** 2)) if err.numel() else 0.0
+    den = float(torch.sum(ref.double() ** 2)) if ref.numel() else 0.0
     if den > 0:
         rel = math.sqrt(num / den) if math.isfinite(num) else math.inf
     else:
