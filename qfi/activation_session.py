@@ -420,9 +420,14 @@ class ActivationSession:
             old = enc.qdata
             new = apply_mask(old, m, value)
             newv = fmt.decode(enc.replace(qdata=new))
-        cols = log_rows(elem, bit, inv, old, new, vals, newv, value, (1 << fmt.bits) - 1, self._call)
-        cols["name_id"] = torch.full_like(cols["index"], i)
-        self.log.extend(cols, elem.numel())
+        call, code_mask = self._call, (1 << fmt.bits) - 1
+
+        def build() -> dict[str, Tensor]:  # read back from the device when the log is read
+            cols = log_rows(elem, bit, inv, old, new, vals, newv, value, code_mask, call)
+            cols["name_id"] = torch.full_like(cols["index"], i)
+            return cols
+
+        self.log.extend(build, elem.numel(), rows=elem.numel() if value is None else None)
         newv = newv.to(flat.dtype)
         if self._fp32:  # q is the module's own output: never modified in place
             return flat.index_copy(0, idx, newv).view_as(q)

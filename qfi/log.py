@@ -42,6 +42,7 @@ class FaultLog:
                  lazy: Callable[[], dict[str, Tensor]] | None = None, rows: int | None = None) -> None:
         self.names = list(names)
         self._chunks: list[dict[str, Tensor]] = []
+        self._pending: list[tuple[Callable[[], dict[str, Tensor]], int | None]] = []
         # ``lazy`` builds the columns on first access (a trial that never reads its log does not
         # pay for it); ``rows`` is then the row count when already known
         self._lazy, self._rows = lazy, rows
@@ -66,16 +67,33 @@ class FaultLog:
             raise QfiError(f"FaultLog columns have different lengths: {n}")
         return out
 
-    def extend(self, columns: dict[str, Tensor], sites: int) -> None:
-        """Append rows (used while activation faults accumulate over forwards)."""
-        self._chunks.append(self._check(columns))
+    def extend(
+        self,
+        columns: dict[str, Tensor] | Callable[[], dict[str, Tensor]],
+        sites: int,
+        rows: int | None = None,
+    ) -> None:
+        """Append rows (used while activation faults accumulate over forwards).  ``columns`` may be
+        a callable building them on first access (device tensors are then read back once per log,
+        not once per forward: no GPU synchronisation inside a forward); ``rows`` is then its row
+        count when known."""
+        if callable(columns):
+            self._pending.append((columns, rows))
+        else:
+            self._chunks.append(self._check(columns))
         self.sites += int(sites)
+
+    def _materialize(self) -> None:
+        if self._pending:
+            self._chunks.extend(self._check(build()) for build, _ in self._pending)
+            self._pending = []
 
     @property
     def columns(self) -> dict[str, Tensor]:
         """Column name -> 1-D CPU tensor (``name_id`` indexes ``names``)."""
         if self._lazy is not None:
             self._cols, self._lazy = self._check(self._lazy()), None
+        self._materialize()
         if self._chunks:
             parts = [self._cols, *self._chunks]
             self._cols = {k: torch.cat([p[k] for p in parts]) for k in COLUMNS}
@@ -87,6 +105,9 @@ class FaultLog:
         """Number of flipped bits (rows)."""
         if self._lazy is not None and self._rows is not None:
             return self._rows
+        if self._lazy is None and self._pending and all(r is not None for _, r in self._pending):
+            done = self._cols["index"].numel() + sum(c["index"].numel() for c in self._chunks)
+            return done + sum(r for _, r in self._pending)  # type: ignore[misc]
         return self.columns["index"].numel()
 
     def __len__(self) -> int:
