@@ -255,6 +255,12 @@ class ActivationSession:
         finally:
             self.disarm()
 
+    @property
+    def never_called(self) -> list[str]:
+        """Selected modules that no forward of this session has called so far (they carry no
+        faults: a dropout skipped by a fused attention path, a branch not taken)."""
+        return [n for n, c in zip(self.names, self._called, strict=True) if not c]
+
     def _armed_now(self) -> bool:
         return self._fault is not None and (self._calls is None or self._call in self._calls)
 

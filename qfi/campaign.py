@@ -271,7 +271,8 @@ def _fmt(v: Any) -> str:
 
 
 _OUTPUTS = (
-    "summary.csv", "per_bit.csv", "per_format.csv", "per_bit.png", "per_format.png", "quantization.csv"
+    "summary.csv", "per_bit.csv", "per_format.csv", "per_bit.png", "per_format.png", "quantization.csv",
+    "per_layer.csv", "per_layer.png",
 )
 #: every file name qfi writes in an output folder: a folder holding any of them without a qfi
 #: manifest belongs to someone else and is never overwritten
@@ -696,6 +697,13 @@ def _run_locked(
                     clean = evaluator(model)
                     what = f"clean ({fmt_name}, names {names or 'all'!r})"
                     _check_baseline(cfg, clean, what, model, evaluator)
+                    never = getattr(session, "never_called", [])
+                    if never:
+                        more = f" and {len(never) - 5} more" if len(never) > 5 else ""
+                        log.warning(
+                            "%d selected module(s) never run in the forward, so they carry no faults: "
+                            "%s%s", len(never), ", ".join(never[:5]), more,
+                        )
                     clean_values = clean.values(golden)
                     _warn_if_crushed(what, metric, clean_values, golden_values)
                     base = {f"clean_{c}": clean_values[c] for c in metric.columns}

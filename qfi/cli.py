@@ -23,6 +23,8 @@ os.environ.setdefault(
     "OMP_WAIT_POLICY", "PASSIVE"
 )  # before torch is imported: 2-core machines spin otherwise
 
+from qfi import layers_cli  # noqa: E402 - after the OMP setting above
+
 MAIN_FORMATS = "fp32,fp16,bf16,q3.13,int8"
 
 EXIT_CODES = """exit status:
@@ -241,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=10, help="repetitions per condition (default 10)")
     p.add_argument("--seed", type=int, default=0, help="campaign seed (default 0)")
     _run_flags(p, device=True)
+
+    layers_cli.add_parser(sub)
     return ap
 
 
@@ -388,6 +392,8 @@ def cmd_main(a: argparse.Namespace) -> int:
 
 
 def _dispatch(a: argparse.Namespace) -> int:
+    if a.command == "layers":
+        return layers_cli.cmd_layers(a)
     if a.command == "names":
         return cmd_names(a)
     if a.command == "bits":

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from torch import nn
 
 from qfi import zoo
 from qfi.campaign import LOCK_NAME, model_hash, plan, run_campaign
@@ -490,3 +491,31 @@ def test_clean_collapse_is_warned(tmp_path, model, caplog):
     s = res.summary.iloc[0]
     assert s["golden_top1"] - s["clean_top1"] > 0.1
     assert any("the format itself destroys" in r.getMessage() for r in caplog.records)
+
+
+def test_selected_modules_the_forward_never_runs_are_named(tmp_path, caplog):
+    """An activation selection with a module the forward skips still runs (the others carry the
+    faults) but warns once, naming it; a selection of only such modules is an error."""
+    import logging
+
+    class Skips(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(64, 10)
+            self.unused = nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.used(x.flatten(1))
+
+    torch.manual_seed(0)
+    data = zoo.load_data("digits")
+    cfg = _cfg(tmp_path, target="activations", formats=("bf16",), ber=(1e-3,), reps=1)
+    with caplog.at_level(logging.WARNING, logger="qfi"):
+        run_campaign(cfg, model=Skips(), dataset=data, progress=False, plots=False)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("never run in the forward" in m and "unused" in m for m in msgs)
+    with pytest.raises(QfiError, match="no selected module produced a value"):
+        run_campaign(
+            dataclasses.replace(cfg, names=("unused",), out=str(tmp_path / "u")),
+            model=Skips(), dataset=data, progress=False, plots=False,
+        )
