@@ -191,7 +191,8 @@ def _finished_rows(
     expected = detail_columns(metric_columns) if metric_columns else None
     if (rows or header) and (metric_columns_of(header) is None or (expected and tuple(header) != expected)):
         raise QfiError(
-            f"{path} has other columns than this version of qfi writes for this metric; use --fresh"
+            f"{path} holds results of another campaign (other metric columns, or an older qfi): "
+            "use another --out, or --fresh to overwrite them"
         )
     done: dict[tuple[str, ...], dict[str, str]] = {}
     for line, r in enumerate(rows, start=2):
@@ -557,34 +558,42 @@ def _prepare(
 
     model_given = None if model is None else type(model).__name__
     if model is None:
-        model = zoo.load_model(cfg.model, weights=cfg.weights, device=device)
+        model = zoo.load_model(cfg.model, weights=cfg.weights, device=device, args=cfg.model_args)
     model = model.to(device).eval()
+    # image-folder options, passed only when set (a data plug-in given them is an error)
+    opts = {
+        k: getattr(cfg, k)
+        for k in ("image_size", "mean", "std", "resize", "channels", "class_map")
+        if getattr(cfg, k) is not None
+    }
     if dataset is None:
         data_spec = cfg.data or zoo.default_data_for(cfg.model)
-        dataset = zoo.load_data(
-            data_spec, split="test", image_size=cfg.image_size, mean=cfg.mean, std=cfg.std
-        )
+        dataset = zoo.load_data(data_spec, split="test", args=cfg.data_args, **opts)
     else:
         data_spec = f"<{type(dataset).__name__} passed to run_campaign>"
     evaluator = Evaluator(
         dataset, batch_size=cfg.batch_size, device=device, limit=cfg.limit, metric=cfg.metric
     )
-    calib: list[torch.Tensor] = []
+    calib: list[Any] = []
     calib_info = None
     if cfg.target == "activations":
-        # calibrate on held-in data: calibrate_data, else the digits training split, else (no
-        # training data known) the first evaluation samples
+        from qfi.evaluate import batch_len
+
+        # calibrate on held-in data: calibrate_data, else the training split of the data when it
+        # has one (digits, a data factory with a split parameter), else (no training data known)
+        # the first evaluation samples
         source = evaluator
-        calib_spec = cfg.calibrate_data or ("digits" if data_spec == "digits" else None)
+        calib_spec = cfg.calibrate_data
+        if calib_spec is None and not data_spec.startswith("<") and zoo.has_splits(data_spec):
+            calib_spec = data_spec
         if calib_spec is not None:
-            calib_set = zoo.load_data(
-                calib_spec, split="train", image_size=cfg.image_size, mean=cfg.mean, std=cfg.std
-            )
+            args = cfg.data_args if calib_spec == data_spec else None
+            calib_set = zoo.load_data(calib_spec, split="train", args=args, **opts)
             source = Evaluator(calib_set, cfg.batch_size, device, cfg.calibrate, metric=_NO_TARGETS)
         calib = _calibration_inputs(source.inputs(), cfg.calibrate)
         calib_info = {
             "spec": calib_spec or "the first evaluation samples",
-            "samples": sum(len(x) for x in calib),
+            "samples": sum(batch_len(x) for x in calib),
             "dynamic": cfg.dynamic,
         }
     meta = {

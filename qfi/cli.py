@@ -81,6 +81,13 @@ def _common(p: argparse.ArgumentParser, *, sweep: bool = True, out: str = "") ->
     g.add_argument(
         "--image-size", type=int, default=None, help="image folders: resize/crop size (default 224)"
     )
+    g.add_argument(
+        "--resize", type=int, default=None, help="image folders: shorter side before the crop (256 for 224)"
+    )
+    g.add_argument("--channels", type=int, default=None, help="image folders: 1 reads grayscale (default 3)")
+    g.add_argument(
+        "--class-map", default=None, help="image folders: JSON/text file: folder name -> class index"
+    )
     g.add_argument("--mean", default=None, help="image folders: per-channel mean (default ImageNet's)")
     g.add_argument("--std", default=None, help="image folders: per-channel std (default ImageNet's)")
     g.add_argument("--target", default="weights", help="weights (parameters) or activations (module outputs)")
@@ -257,6 +264,9 @@ def _config(a: argparse.Namespace, formats: str) -> Any:
         weights=a.weights,
         data=a.data,
         image_size=a.image_size,
+        resize=a.resize,
+        channels=a.channels,
+        class_map=a.class_map,
         mean=a.mean,
         std=a.std,
         target=a.target,
@@ -299,25 +309,10 @@ def _report(res: Any) -> None:
         f"{res.seconds:.1f} s -> {res.out}/"
     )
     if not s.empty:
-        d = s.iloc[0]
-        print(f"golden fp32 top-1 {d['golden_top1']:.4f}")
-        cols = [
-            "format",
-            "names",
-            "fault",
-            "ber",
-            "count",
-            "bit",
-            "bit_name",
-            "trials",
-            "flips_mean",
-            "top1_mean",
-            "top1_ci_low",
-            "top1_ci_high",
-            "sdc_mean",
-            "due_mean",
-            "clean_top1",
-        ]
+        p = res.metric.primary if res.metric is not None else "top1"
+        print(f"golden fp32 {p} {s.iloc[0][f'golden_{p}']:.4f}")
+        cols = ["format", "names", "fault", "ber", "count", "bit", "bit_name", "trials", "flips_mean"]
+        cols += [f"{p}_mean", f"{p}_ci_low", f"{p}_ci_high", "sdc_mean", "due_mean", f"clean_{p}"]
         with_pd_opts(lambda: print(s[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}")))
 
 
@@ -355,7 +350,7 @@ def cmd_names(a: argparse.Namespace) -> int:
         shape = "x".join(map(str, i.shape)) if i.shape is not None else "?"
         numel = i.numel if i.numel is not None else 0
         total += numel
-        print(f"{i.name:<60} {shape:>16} {numel:>12,}")
+        print(f"{i.label:<60} {shape:>16} {numel:>12,}")
     print(f"{len(infos)} {a.target}, {total:,} elements")
     return 0
 

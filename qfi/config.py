@@ -153,13 +153,22 @@ class CampaignConfig:
     ``output_key`` chooses which floating tensor of a module output carries the faults (a key of a
     dict / ``ModelOutput``, a dataclass field, an index or a dotted path; default: the first).
 
+    ``model_args`` / ``data_args`` are keyword arguments of a ``module:callable`` model or data
+    factory (also inline: ``mypkg.nets:make?depth=6``); ``resize``, ``channels`` and ``class_map``
+    are image-folder options (``qfi.zoo.load_data``).
+
     Repeated formats, BERs, flip counts and name groups are dropped (a condition runs once).
     """
 
     model: str = "vit_digits"
+    model_args: dict[str, Any] | None = None
     weights: str | None = None
     data: str | None = None
+    data_args: dict[str, Any] | None = None
     image_size: int | None = None
+    resize: int | None = None
+    channels: int | None = None
+    class_map: str | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     target: str = "weights"
@@ -193,11 +202,21 @@ class CampaignConfig:
         except ValueError:
             raise QfiError(f"bad flip counts {self.flips!r}; allowed: integers >= 0, e.g. 1,10") from None
         set_("bits", "none" if self.bits is None else str(self.bits))
-        for k in ("reps", "seed", "batch_size", "limit", "calibrate", "image_size"):
+        for k in ("reps", "seed", "batch_size", "limit", "calibrate", "image_size", "resize", "channels"):
             v = getattr(self, k)
-            if v is None and k in ("limit", "image_size"):
+            if v is None and k in ("limit", "image_size", "resize", "channels"):
                 continue
             set_(k, _int(k, v))
+        for k in ("model_args", "data_args"):
+            v = getattr(self, k)
+            if v is not None and not (isinstance(v, dict) and all(isinstance(a, str) for a in v)):
+                raise QfiError(f"{k} {v!r} must be a mapping of argument names to values, e.g. {{depth: 6}}")
+            if v == {}:
+                set_(k, None)
+        if self.class_map is not None and not isinstance(self.class_map, str):
+            raise QfiError(f"class_map {self.class_map!r} must be a path to a JSON or text file")
+        if self.channels is not None and self.channels not in (1, 3):
+            raise QfiError(f"channels {self.channels} must be 1 (grayscale) or 3 (RGB)")
         for k in ("dynamic", "bn_stats", "allow_nonfinite"):
             if not isinstance(getattr(self, k), bool):
                 raise QfiError(f"{k} {getattr(self, k)!r} must be true or false")

@@ -84,17 +84,25 @@ class NameFilter:
             return cls(include.include, include.exclude + _entries(exclude))
         return cls(_entries(include), _entries(exclude))
 
-    def matches(self, name: str) -> bool:
-        inc = not self.include or any(_matcher(e)(name) for e in self.include)
-        return inc and not any(_matcher(e)(name) for e in self.exclude)
+    def matches(self, name: str, aliases: Iterable[str] = ()) -> bool:
+        """Whether a candidate is selected: one of its names (``name`` and ``aliases``, the other
+        names of the same tensor) matches an include entry and none matches an exclude entry."""
+        names = (name, *aliases)
+        inc = not self.include or any(_matcher(e)(n) for e in self.include for n in names)
+        return inc and not any(_matcher(e)(n) for e in self.exclude for n in names)
 
-    def select(self, candidates: list[str], what: str, hint: str) -> list[str]:
-        """The matching candidates in order; QfiError for an include entry matching nothing."""
+    def select(
+        self, candidates: list[str], what: str, hint: str, aliases: dict[str, tuple[str, ...]] | None = None
+    ) -> list[str]:
+        """The matching candidates in order; QfiError for an include entry matching nothing.
+        ``aliases`` maps a candidate to its other names, which match on its behalf."""
+        aliases = aliases or {}
+        every = [a for n in candidates for a in (n, *aliases.get(n, ()))]
         for e in self.include:
             m = _matcher(e)
-            if not any(m(n) for n in candidates):
-                raise QfiError(f"name filter {e!r} matches no {what}{_suggest(e, candidates)}; {hint}")
-        out = [n for n in candidates if self.matches(n)]
+            if not any(m(n) for n in every):
+                raise QfiError(f"name filter {e!r} matches no {what}{_suggest(e, every)}; {hint}")
+        out = [n for n in candidates if self.matches(n, aliases.get(n, ()))]
         if not out:
             raise QfiError(f"{self} selects no {what} (everything included is excluded); {hint}")
         return out
@@ -114,28 +122,67 @@ def _suggest(entry: str, names: list[str]) -> str:
 BN_STATS = ("running_mean", "running_var")
 
 
-def weight_tensors(model: nn.Module, bn_stats: bool = False) -> dict[str, torch.Tensor]:
-    """Parameters and floating-point buffers by name, in model order, shared tensors once.
+def _alias_key(t: torch.Tensor) -> tuple:
+    """Tensors with equal keys are one stored tensor: the same object, or the same view (storage,
+    offset, shape, strides, dtype) of the same memory through distinct Parameter objects."""
+    try:
+        ptr = t.untyped_storage().data_ptr() if t.device.type != "meta" else 0
+    except (RuntimeError, NotImplementedError):  # a tensor subclass without one plain storage
+        ptr = 0
+    if not ptr or t.numel() == 0:  # meta tensors, empty tensors: only the object itself
+        return (id(t),)
+    return (ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, str(t.device))
 
-    Integer buffers (``num_batches_tracked``) are not candidates: they hold no fault-prone weights.
-    The running statistics of BatchNorm layers (``running_mean``, ``running_var``) are candidates
-    only with ``bn_stats=True``: hardware that runs a network quantized folds them into the
-    preceding convolution, so they are no stored weights there (their affine ``weight`` and
-    ``bias`` are parameters and always candidates).
-    """
+
+def weight_table(model: nn.Module, bn_stats: bool = False) -> dict[str, list[tuple[str, torch.Tensor]]]:
+    """Each candidate weight under its first name, with every ``(name, tensor object)`` that
+    stores it, first name first: one entry for a plain tensor, more for tied weights (one
+    Parameter under two names, a module registered twice, or distinct Parameters viewing the
+    same memory).  Which tensors are candidates: see ``weight_tensors``."""
     from torch.nn.modules.batchnorm import _BatchNorm
 
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for mname, mod in model.named_modules():
+    out: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    first: dict[tuple, str] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
         skip = () if bn_stats or not isinstance(mod, _BatchNorm) else BN_STATS
         for kind in (mod._parameters, mod._buffers):
             for tname, t in kind.items():
-                if t is None or id(t) in seen or not t.is_floating_point() or tname in skip:
+                if t is None or not t.is_floating_point() or tname in skip:
                     continue
-                seen.add(id(t))
-                out[f"{mname}.{tname}" if mname else tname] = t
+                name = f"{mname}.{tname}" if mname else tname
+                key = _alias_key(t)
+                if key in first:
+                    entries = out[first[key]]
+                    if name not in (n for n, _ in entries):
+                        entries.append((name, t))
+                    continue
+                first[key] = name
+                out[name] = [(name, t)]
     return out
+
+
+def weight_tensors(model: nn.Module, bn_stats: bool = False) -> dict[str, torch.Tensor]:
+    """Parameters and floating-point buffers by name, in model order, each stored tensor once.
+
+    A tensor stored once but reachable under several names (tied weights: GPT-2's ``lm_head.weight``
+    is ``transformer.wte.weight``) is listed under its first name; ``weight_aliases`` gives the
+    others, and filters match any of them.  Integer buffers (``num_batches_tracked``) are not
+    candidates: they hold no fault-prone weights.  The running statistics of BatchNorm layers
+    (``running_mean``, ``running_var``) are candidates only with ``bn_stats=True``: hardware that
+    runs a network quantized folds them into the preceding convolution, so they are no stored
+    weights there (their affine ``weight`` and ``bias`` are parameters and always candidates).
+    """
+    return {n: entries[0][1] for n, entries in weight_table(model, bn_stats).items()}
+
+
+def weight_aliases(model: nn.Module, bn_stats: bool = False) -> dict[str, tuple[str, ...]]:
+    """First name -> the other names of the same stored tensor, for tied weights only
+    (``{"transformer.wte.weight": ("lm_head.weight",)}``)."""
+    return {
+        n: tuple(a for a, _ in entries[1:])
+        for n, entries in weight_table(model, bn_stats).items()
+        if len(entries) > 1
+    }
 
 
 def _has_bn_stats(model: nn.Module) -> bool:
@@ -205,11 +252,17 @@ def select_weights(
     model: nn.Module, names: object = None, exclude: object = None, bn_stats: bool = False
 ) -> list[str]:
     """Names of the selected parameters and floating buffers, in model order (None = all);
-    BatchNorm running statistics only with ``bn_stats=True`` (see ``weight_tensors``)."""
+    BatchNorm running statistics only with ``bn_stats=True`` (see ``weight_tensors``).
+
+    A tied tensor is selected (once, under its first name) when any of its names matches an
+    include entry, and left out when any of them matches an exclude entry: ``exclude="lm_head"``
+    also leaves out GPT-2's ``transformer.wte.weight``, which is the same stored tensor."""
     hint = _HINT_W
     if not bn_stats and _has_bn_stats(model):
         hint += "; BatchNorm running_mean/running_var are left out unless bn_stats=True (--bn-stats)"
-    return NameFilter.parse(names, exclude).select(list(weight_tensors(model, bn_stats)), "weights", hint)
+    table = weight_table(model, bn_stats)
+    aliases = {n: tuple(a for a, _ in e[1:]) for n, e in table.items() if len(e) > 1}
+    return NameFilter.parse(names, exclude).select(list(table), "weights", hint, aliases)
 
 
 def select_modules(model: nn.Module, names: object = None, exclude: object = None) -> list[str]:
@@ -252,13 +305,20 @@ def call_model(model: nn.Module, inputs: object) -> object:
 
 @dataclass(frozen=True)
 class NameInfo:
-    """One selectable name; ``shape``/``numel``/``dtype`` are None where unknown."""
+    """One selectable name; ``shape``/``numel``/``dtype`` are None where unknown; ``aliases``: the
+    other names of a tied weight (the same stored tensor), which filters match as well."""
 
     name: str
     kind: str
     shape: tuple[int, ...] | None
     numel: int | None
     dtype: torch.dtype | None
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """The name, with its aliases: ``transformer.wte.weight (= lm_head.weight)``."""
+        return f"{self.name} (= {', '.join(self.aliases)})" if self.aliases else self.name
 
 
 def list_names(
@@ -273,8 +333,12 @@ def list_names(
     if target == "weights":
         params = {id(p) for p in model.parameters()}
         return [
-            NameInfo(n, "parameter" if id(t) in params else "buffer", tuple(t.shape), t.numel(), t.dtype)
-            for n, t in weight_tensors(model, bn_stats).items()
+            NameInfo(
+                n, "parameter" if id(t) in params else "buffer", tuple(t.shape), t.numel(), t.dtype,
+                tuple(a for a, _ in e[1:]),
+            )
+            for n, e in weight_table(model, bn_stats).items()
+            for t in (e[0][1],)
         ]
     if target != "activations":
         raise QfiError(f"target must be 'weights' or 'activations', got {target!r}")

@@ -18,6 +18,11 @@ a copy of the originals for other formats); it is slower per trial on models of 
 A non-contiguous tensor then works on a contiguous copy and gets its original storage back.
 Sessions on the same tensor cannot nest (QfiError); an interrupted ``apply`` restores the
 words it wrote before the exception propagates.
+
+Tied weights (one stored tensor under several names: GPT-2's ``lm_head.weight`` is
+``transformer.wte.weight``) are one entry of the index space, under their first name, so each
+stored bit can flip once; a site or log may name any alias.  Distinct Parameter objects viewing
+the same memory follow the selected one into the session's storage and get their own back on exit.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from torch import Tensor, nn
 from qfi.errors import QfiError
 from qfi.faults import apply_mask, make_generator, odd_sites, word_masks
 from qfi.log import FaultLog
-from qfi.select import select_weights, weight_tensors
+from qfi.select import select_weights, weight_table
 from qfi.space import FaultSpace, get_fmt
 
 _INT_VIEW = {
@@ -97,15 +102,16 @@ class WeightSession:
         self._filter, self.bn_stats = (names, exclude), bn_stats
         self._active = False
         self._pending: list[tuple[Tensor, Tensor, Tensor]] | None = None
+        self._aliases: list[tuple[Tensor, Tensor, Tensor]] = []  # (alias object, its own data, owner)
 
     # -- enter / exit ---------------------------------------------------------------------------
     def __enter__(self) -> WeightSession:
         if self._active:
             raise QfiError("this weight session is already entered")
         fmt = self.format
-        table = weight_tensors(self.model, self.bn_stats)
+        table = weight_table(self.model, self.bn_stats)
         self.names = select_weights(self.model, *self._filter, bn_stats=self.bn_stats)
-        ts = [table[n] for n in self.names]
+        ts = [table[n][0][1] for n in self.names]
         self._fp32 = fmt.name == "fp32"
         for n, t in zip(self.names, ts, strict=True):
             if self._fp32 and t.dtype != torch.float32:
@@ -123,6 +129,10 @@ class WeightSession:
                     "same tensors cannot nest: exit the other session first or select other names"
                 )
         self.space = FaultSpace(self.names, [tuple(t.shape) for t in ts], fmt)
+        # tied weights: every other name of a selected tensor resolves to it (FlipSites, replay)
+        for n in self.names:
+            for alias, _ in table[n][1:]:
+                self.space.pos.setdefault(alias, self.space.pos[n])
         self.numel = self.space.numel
         self.total_bits = self.numel * fmt.bits
         self._tensors = ts
@@ -188,6 +198,13 @@ class WeightSession:
             if all(s is not None and s.numel() == 1 for s in sc)
             else None
         )
+        # distinct Parameter objects viewing a selected tensor's memory (tied weights that are not
+        # one object) follow it into the session's storage, so a fault reaches every name of it
+        self._aliases = [
+            (a, a.data, t) for n, t in zip(self.names, ts, strict=True) for _, a in table[n][1:] if a is not t
+        ]
+        for a, _, t in self._aliases:
+            a.data = t.data
         me = weakref.ref(self)
         for t in ts:
             _LIVE[id(t)] = (weakref.ref(t), f"{self.format.name}, {len(ts)} tensor(s)", me)
@@ -236,11 +253,14 @@ class WeightSession:
                         t.detach().copy_(o)
                 for t, o in self._swapped:
                     t.data = o
+                for a, o, _ in self._aliases:
+                    a.data = o
             for t in self._tensors:
                 entry = _LIVE.get(id(t))
                 if entry is not None and entry[2]() is self:
                     del _LIVE[id(t)]
             self._orig, self._kept, self._swapped, self._segments, self._active = [], {}, [], [], False
+            self._aliases = []
 
     # -- faults -------------------------------------------------------------------------------------
     def _check(self) -> None:
