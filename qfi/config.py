@@ -17,6 +17,7 @@ from qfi.errors import QfiError
 from quant_schemes import FormatError, get_format
 
 TARGETS = ("weights", "activations")
+EXECUTORS = ("local", "ray")
 
 
 def parse_bers(spec: str | float | list | tuple) -> tuple[float, ...]:
@@ -148,6 +149,9 @@ class CampaignConfig:
     ``metric`` scores each pass (``qfi.metrics``): ``top1`` (default), ``cosine`` (drift of the
     outputs against clean; options ``cosine?threshold=0.95&key=pooler_output``), ``loss``,
     ``perplexity``, or a ``module:callable`` plug-in.
+    ``executor="ray"`` runs the trials on ``workers`` Ray actors (a local Ray instance, or the
+    cluster at ``address``), each with ``threads`` CPU threads (and one GPU where there are
+    GPUs); the rows are the same as with the default ``local`` executor.
     ``bn_stats`` adds the running statistics of BatchNorm layers to the selectable weights (left
     out by default: quantized hardware folds them into the convolutions; see ``qfi.qerror``).
     ``output_key`` chooses which floating tensor of a module output carries the faults (a key of a
@@ -190,6 +194,10 @@ class CampaignConfig:
     metric: str = "top1"
     bn_stats: bool = False
     allow_nonfinite: bool = False
+    executor: str = "local"
+    workers: int | None = None
+    address: str | None = None
+    threads: int = 1
     out: str = "qfi-results"
 
     def __post_init__(self) -> None:
@@ -276,6 +284,18 @@ class CampaignConfig:
             from qfi.metrics import get_metric
 
             get_metric(self.metric)
+        if self.executor not in EXECUTORS:
+            raise QfiError(f"unknown executor {self.executor!r}; allowed: {', '.join(EXECUTORS)}")
+        for k in ("workers", "threads"):
+            v = getattr(self, k)
+            if v is not None:
+                set_(k, _int(k, v))
+                if getattr(self, k) < 1:
+                    raise QfiError(f"{k} {getattr(self, k)} must be >= 1")
+        if self.address is not None and not isinstance(self.address, str):
+            raise QfiError(f"address {self.address!r} must be a string such as 'ray://head:10001' or 'auto'")
+        if self.executor == "local" and (self.workers is not None or self.address is not None):
+            raise QfiError("workers and address apply to executor 'ray' only (add --executor ray)")
         if self.bn_stats and self.target != "weights":
             raise QfiError("bn_stats applies to target 'weights' only (BatchNorm running statistics)")
         if self.dynamic and self.target != "activations":
@@ -336,5 +356,6 @@ class CampaignConfig:
         """The fields that determine the results (a resumed run must match them)."""
         d = self.to_dict()
         d.pop("out")
-        d.pop("allow_nonfinite")  # permission to go on, not a property of the results
+        for k in ("allow_nonfinite", "executor", "workers", "address", "threads"):
+            d.pop(k)  # how and where the trials run, not what they compute
         return d

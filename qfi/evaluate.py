@@ -181,6 +181,19 @@ class Evaluator:
         self.n = seen
         self.calls = 0  # evaluations run (for the campaign-overhead benchmark and tests)
 
+    @classmethod
+    def from_batches(
+        cls, batches: list[tuple[Any, Any, int]], metric: Metric, device: str | torch.device = "cpu"
+    ) -> Evaluator:
+        """An evaluator over already collated ``(inputs, target, n)`` batches (another
+        evaluator's ``batches``, e.g. shipped to a worker), moved to ``device``."""
+        ev = cls.__new__(cls)
+        ev.device, ev.metric = torch.device(device), metric
+        ev.batches = [(_to(x, ev.device), _to(y, ev.device), n) for x, y, n in batches]
+        ev.n = sum(n for _, _, n in batches)
+        ev.calls = 0
+        return ev
+
     def inputs(self) -> list[Any]:
         """The input batches (for calibrating activation scales)."""
         return [x for x, _, _ in self.batches]

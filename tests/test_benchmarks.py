@@ -38,6 +38,14 @@ TABLES = {
         rf"per-trial overhead beyond the evaluation: {NUM} ms .*",
         rf"plots \(written once per campaign, not counted above\): {NUM} s",
     ],
+    "bench_ray.py": [
+        rf"one evaluation \(\d+ images, embedded ViT, 1 thread\): {NUM} ms; .*",
+        *(rf"{run} +\d+ trials in +{NUM} s = +{NUM} trials/s  \(x{NUM} vs local\)"
+          for run in ("local, 1 thread", "ray, 1 worker", "ray, 2 workers")),
+        rf"ray overhead per trial .*: {NUM} ms = {NUM}% of an evaluation \(target < 5%\)",
+        r"rows identical across executors: True",
+        rf"ray start \(once, not counted above\): cluster {NUM} s; .*",
+    ],
 }
 
 
@@ -63,6 +71,8 @@ def test_every_benchmark_is_smoke_tested():
 @pytest.mark.parametrize("name", sorted(TABLES))
 def test_benchmark_smoke_prints_its_table(name):
     """`python benchmarks/<name> --smoke` exits 0 and prints every row of the full run's table."""
+    if name == "bench_ray.py":
+        pytest.importorskip("ray")
     lines = [line.strip() for line in smoke(name).splitlines()]
     missing = [rx for rx in TABLES[name] if not any(re.fullmatch(rx, line) for line in lines)]
     assert not missing, f"{name} --smoke printed no line matching {missing}:\n" + "\n".join(lines)
