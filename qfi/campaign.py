@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import platform
 import time
@@ -108,7 +109,7 @@ def plan(cfg: CampaignConfig) -> list[Trial]:
             for bit in dict.fromkeys(parse_bits(cfg.bits, fmt.bits)):
                 conds = [("ber", p, 0) for p in cfg.ber] + [("flips", 0.0, n) for n in cfg.flips]
                 for fault, ber, count in conds:
-                    for rep in range(cfg.reps):
+                    for rep in range(cfg.max_reps):
                         t = Trial(len(trials), fmt.name, names, fault, ber, count, bit, rep, 0)
                         trials.append(dataclasses.replace(t, seed=trial_seed(cfg.seed, t.key(cfg.target))))
     return trials
@@ -515,6 +516,9 @@ class LocalExecutor:
 
     name = "local"
 
+    def __init__(self) -> None:
+        self._cleans: dict[tuple[str, str], tuple[EvalResult, dict[str, float]]] = {}
+
     def run(
         self,
         ctx: TrialContext,
@@ -522,13 +526,63 @@ class LocalExecutor:
         emit: Callable[[dict[str, Any]], None],
     ) -> int:
         """Run every trial, ``emit`` each row; returns the evaluations run besides the driver's
-        evaluator (none here)."""
+        evaluator (none here).  Called once per wave of a sequentially stopped campaign: a group's
+        clean baseline is computed the first time only."""
         for (fmt_name, names), trials in groups:
             with ctx.session(fmt_name, names) as session:
-                clean, base = ctx.clean_baseline(session, fmt_name, names)
+                if (fmt_name, names) not in self._cleans:
+                    self._cleans[(fmt_name, names)] = ctx.clean_baseline(session, fmt_name, names)
+                clean, base = self._cleans[(fmt_name, names)]
                 for t in trials:
                     emit(ctx.row(session, t, clean, base))
         return 0
+
+    def close(self) -> None:
+        self._cleans = {}
+
+
+def _condition(key: tuple[str, ...]) -> tuple[str, ...]:
+    """A trial key without its repetition: the condition it belongs to."""
+    return key[:-1]
+
+
+def ci_half_width(values: list[float]) -> float:
+    """95% Student-t half-width of the mean of ``values`` (inf for fewer than two; the same rule
+    as ``summary.csv``'s interval; NaN values, a cosine with every output non-finite, are left out)."""
+    import numpy as np
+
+    from qfi.results import t_quantile_975
+
+    v = np.asarray([x for x in values if x == x], dtype=float)
+    if len(v) < 2:
+        return math.inf
+    return float(t_quantile_975(np.array([len(v) - 1]))[0] * v.std(ddof=1) / math.sqrt(len(v)))
+
+
+def _next_wave(
+    cfg: CampaignConfig,
+    keyed: dict[tuple[str, ...], Trial],
+    seen: dict[tuple[str, ...], dict[str, Any]],
+    primary: str,
+) -> list[Trial]:
+    """The trials to run next under sequential stopping: per condition, its first ``reps_min``
+    repetitions, then one more while the 95% CI half-width of the primary value exceeds ``ci``,
+    until ``reps_max``; a condition's trials are always a prefix of its fixed-repetition trials."""
+    by_cond: dict[tuple[str, ...], list[Trial]] = {}
+    for k, t in keyed.items():
+        by_cond.setdefault(_condition(k), []).append(t)
+    wave = []
+    for trials in by_cond.values():  # plan order, reps ascending
+        finished = [t for t in trials if t.key(cfg.target) in seen]
+        n = len(finished)
+        if n < cfg.reps_min:
+            wave += [t for t in trials[: cfg.reps_min] if t.key(cfg.target) not in seen]
+            continue
+        values = [float(seen[t.key(cfg.target)][primary]) for t in finished]
+        if n >= len(trials) or ci_half_width(values) <= cfg.ci:  # type: ignore[operator]
+            continue
+        wave += [t for t in trials if t.key(cfg.target) not in seen][:1]
+    return wave
 
 
 def executor_for(cfg: CampaignConfig) -> Any:
@@ -796,7 +850,26 @@ def _run_locked(
                 bar.update(1)
 
             runner = executor if executor is not None else executor_for(cfg)
-            extra_evaluations = runner.run(ctx, list(groups.items()), emit)
+            stack.callback(runner.close)
+            if cfg.ci is None:
+                extra_evaluations = runner.run(ctx, list(groups.items()), emit)
+            else:  # sequential stopping: waves of repetitions until each condition is settled
+                seen = dict(done)
+                emit_rows = emit
+
+                def emit(row: dict[str, Any]) -> None:  # noqa: F811 - also remember the row
+                    seen[_row_key({k: _fmt(v) for k, v in row.items()})] = row
+                    emit_rows(row)
+
+                wave = _next_wave(cfg, keyed, seen, metric.primary)
+                while wave:
+                    waves: dict[tuple[str, str], list[Trial]] = {}
+                    for t in wave:
+                        waves.setdefault((t.format, t.names), []).append(t)
+                    extra_evaluations += runner.run(ctx, list(waves.items()), emit)
+                    wave = _next_wave(cfg, keyed, seen, metric.primary)
+                bar.total = bar.n
+                bar.refresh()
 
     import pandas as pd
 

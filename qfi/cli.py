@@ -131,6 +131,15 @@ def _common(p: argparse.ArgumentParser, *, sweep: bool = True, out: str = "") ->
     )
     g = p.add_argument_group("run")
     g.add_argument("--reps", type=int, default=10, help="repetitions per condition (default 10)")
+    g.add_argument(
+        "--ci",
+        type=float,
+        default=None,
+        metavar="HALF_WIDTH",
+        help="sequential stopping: stop a condition once its 95%% CI half-width is <= this (e.g. 0.01)",
+    )
+    g.add_argument("--reps-min", type=int, default=None, help="with --ci: reps before stopping (default 3)")
+    g.add_argument("--reps-max", type=int, default=None, help="with --ci: at most this many (default --reps)")
     g.add_argument("--seed", type=int, default=0, help="campaign seed; every trial's seed derives from it")
     g.add_argument("--out", default=out, help=f"output folder: CSVs, plots, manifest.json (default {out})")
     _run_flags(g, device=True)
@@ -289,6 +298,9 @@ def _config(a: argparse.Namespace, formats: str) -> Any:
         names=tuple(a.names) if a.names else ("",),
         exclude=a.exclude,
         reps=a.reps,
+        ci=a.ci,
+        reps_min=3 if a.reps_min is None else a.reps_min,
+        reps_max=a.reps_max,
         seed=a.seed,
         batch_size=512 if a.batch_size is None else a.batch_size,
         limit=a.limit,

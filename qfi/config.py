@@ -161,6 +161,13 @@ class CampaignConfig:
     factory (also inline: ``mypkg.nets:make?depth=6``); ``resize``, ``channels`` and ``class_map``
     are image-folder options (``qfi.zoo.load_data``).
 
+    ``ci`` turns on sequential stopping: a condition runs ``reps_min`` repetitions, then one more
+    at a time until the 95% CI half-width of its primary value is at most ``ci``, or ``reps_max``
+    (default ``reps``) are done; its trials are a prefix of the fixed-repetition trials (same
+    seeds, same resume).  Caveat: stopping on the observed spread makes the reported intervals
+    somewhat optimistic (their coverage is below 95%); keep ``reps_min`` >= 3 and report the
+    repetitions used (``trials`` in summary.csv).
+
     Repeated formats, BERs, flip counts and name groups are dropped (a condition runs once).
     """
 
@@ -183,6 +190,9 @@ class CampaignConfig:
     names: tuple[str, ...] = ("",)
     exclude: str = ""
     reps: int = 10
+    ci: float | None = None
+    reps_min: int = 3
+    reps_max: int | None = None
     seed: int = 0
     batch_size: int = 512
     limit: int | None = None
@@ -210,9 +220,10 @@ class CampaignConfig:
         except ValueError:
             raise QfiError(f"bad flip counts {self.flips!r}; allowed: integers >= 0, e.g. 1,10") from None
         set_("bits", "none" if self.bits is None else str(self.bits))
-        for k in ("reps", "seed", "batch_size", "limit", "calibrate", "image_size", "resize", "channels"):
+        for k in ("reps", "reps_min", "reps_max", "seed", "batch_size", "limit", "calibrate", "image_size",
+                  "resize", "channels"):
             v = getattr(self, k)
-            if v is None and k in ("limit", "image_size", "resize", "channels"):
+            if v is None and k in ("limit", "image_size", "resize", "channels", "reps_max"):
                 continue
             set_(k, _int(k, v))
         for k in ("model_args", "data_args"):
@@ -263,6 +274,19 @@ class CampaignConfig:
             raise QfiError("nothing to sweep: give at least one BER (ber) or flip count (flips)")
         if self.reps < 1:
             raise QfiError(f"reps {self.reps} must be >= 1")
+        if self.ci is not None:
+            try:
+                set_("ci", float(self.ci))
+            except (TypeError, ValueError):
+                raise QfiError(f"ci {self.ci!r} must be a number: the target 95% CI half-width") from None
+            if not (self.ci > 0) or math.isinf(self.ci):
+                raise QfiError(f"ci {self.ci} must be a positive half-width, e.g. 0.01 (one point of top-1)")
+            if self.reps_min < 2:
+                raise QfiError(f"reps_min {self.reps_min} must be >= 2 (a CI needs two repetitions)")
+            if self.max_reps < self.reps_min:
+                raise QfiError(f"reps_max {self.max_reps} is below reps_min {self.reps_min}")
+        elif self.reps_max is not None or self.reps_min != 3:
+            raise QfiError("reps_min and reps_max apply with ci (sequential stopping): add --ci <half-width>")
         if self.batch_size < 1:
             raise QfiError(f"batch_size {self.batch_size} must be >= 1")
         if self.limit is not None and self.limit < 1:
@@ -351,6 +375,14 @@ class CampaignConfig:
             if isinstance(v, tuple):
                 d[k] = list(v)
         return d
+
+    @property
+    def max_reps(self) -> int:
+        """Repetitions planned per condition: ``reps``, or ``reps_max`` (default ``reps``) under
+        sequential stopping (a condition then runs a prefix of them)."""
+        if self.ci is not None and self.reps_max is not None:
+            return self.reps_max
+        return self.reps
 
     def identity(self) -> dict[str, Any]:
         """The fields that determine the results (a resumed run must match them)."""

@@ -186,6 +186,9 @@ class RayExecutor:
         #: timings of the last run (seconds): the workers' start with model and data, the driver's
         #: clean baselines, the time workers spent in chunks, and the whole ``run``
         self.startup_seconds = self.baseline_seconds = self.busy_seconds = self.run_seconds = 0.0
+        self._started = False
+        self._spec_ref: Any = None
+        self._cleans: dict[tuple[str, str], tuple[Any, dict[str, float]]] = {}
 
     def worker_pids(self) -> list[int]:
         ray = _ray()
@@ -200,11 +203,14 @@ class RayExecutor:
         return q
 
     def run(self, ctx: Any, groups: list, emit: Callable[[dict[str, Any]], None]) -> int:
+        """Run the trials of ``groups`` on the workers (started on the first call, kept for later
+        calls: the waves of a sequentially stopped campaign), ``emit`` each row; returns the
+        evaluations the workers ran.  ``close`` stops them."""
         ray = _ray()
         cfg = ctx.cfg
         gpu = ctx.evaluator.device.type == "cuda"
-        started = not ray.is_initialized()
-        if started:
+        if not ray.is_initialized():
+            self._started = True
             kw: dict[str, Any] = dict(
                 include_dashboard=False,
                 logging_level=logging.ERROR,
@@ -220,15 +226,24 @@ class RayExecutor:
             log.info("ray started in %.1f s", time.perf_counter() - t)
         try:
             return self._run(ray, ctx, groups, emit, gpu)
-        finally:
-            for a in self.actors:
-                try:
-                    ray.kill(a)
-                except Exception:  # noqa: BLE001 - already dead
-                    pass
-            self.actors = []
-            if started:
-                ray.shutdown()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Kill the workers, and shut down the Ray instance this executor started."""
+        if not self.actors and not self._started:
+            return
+        ray = _ray()
+        for a in self.actors:
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001 - already dead
+                pass
+        self.actors, self._spec_ref, self._cleans = [], None, {}
+        if self._started:
+            ray.shutdown()
+            self._started = False
 
     def _new_actor(self, ray: Any, spec_ref: Any, gpu: bool) -> Any:
         cls = ray.remote(_Worker)
@@ -241,12 +256,16 @@ class RayExecutor:
         t_run = time.perf_counter()
         self.busy_seconds = 0.0
         # clean baselines once, on the driver
-        cleans: dict[tuple[str, str], tuple[Any, dict[str, float]]] = {}
+        cleans = self._cleans
         for (fmt_name, names), _trials in groups:
+            if (fmt_name, names) in cleans:
+                continue
             with ctx.session(fmt_name, names) as session:
                 clean, base = ctx.clean_baseline(session, fmt_name, names)
             cleans[(fmt_name, names)] = (ray.put(_cpu(clean)), base)
         self.baseline_seconds = time.perf_counter() - t_run
+        if self.actors:  # a later wave: the workers are up
+            return self._dispatch(ray, groups, emit, gpu, t_run)
         resources = ray.cluster_resources()
         n = self.workers
         if n is None:
@@ -265,7 +284,7 @@ class RayExecutor:
             "gpu": gpu,
         }
         t0 = time.perf_counter()
-        spec_ref = ray.put(spec)
+        spec_ref = self._spec_ref = ray.put(spec)
         self.actors = [self._new_actor(ray, spec_ref, gpu) for _ in range(n)]
         infos = ray.get([a.info.remote() for a in self.actors])
         self.startup_seconds = time.perf_counter() - t0  # workers started, model and data shipped
@@ -277,6 +296,11 @@ class RayExecutor:
             f"{', 1 GPU each' if gpu else ''}, device {', '.join(devices)}",
             file=sys.stderr,
         )
+        return self._dispatch(ray, groups, emit, gpu, t_run)
+
+    def _dispatch(self, ray: Any, groups: list, emit: Callable, gpu: bool, t_run: float) -> int:
+        n = len(self.actors)
+        spec_ref, cleans = self._spec_ref, self._cleans
         limit = self.max_replacements if self.max_replacements is not None else 3 * n
         queue = self._chunks(groups, n)
         idle = list(self.actors)
