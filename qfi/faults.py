@@ -20,6 +20,7 @@ Sites come back sorted by element, then bit.
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -260,6 +261,33 @@ def sample_distinct(n: int, k: int, generator: torch.Generator) -> Tensor:
         s = merge_sorted(s, sort_ints(extra))
 
 
+#: expected flips from which a BER fault draws its sites as a Bernoulli process (below: a
+#: binomial count, then that many distinct sites); both give every site probability ber,
+#: independently: the threshold depends only on (sites, ber), so a seed gives the same sites
+DENSE_FLIPS = 1 << 16
+
+
+def sample_bernoulli(n: int, p: float, generator: torch.Generator) -> Tensor:
+    """Every integer in ``[0, n)`` independently with probability ``p``, sorted, in O(n p): the
+    gaps between successive hits of a Bernoulli process are geometric, ``1 + floor(log(U) /
+    log(1 - p))`` for uniform ``U``, so their cumulative sums are the hits, sorted and distinct by
+    construction (no binomial draw, no sort, no duplicate removal)."""
+    lq = math.log1p(-p)
+    mean = n * p
+    m = int(mean + 6 * math.sqrt(mean * (1 - p)) + 16)
+    parts, last = [], -1
+    while True:
+        u = torch.rand(m, dtype=torch.float64, generator=generator)
+        gaps = torch.floor(torch.log1p(-u) / lq).to(torch.int64) + 1  # log1p(-u): u in [0, 1)
+        hits = gaps.cumsum_(0).add_(last)
+        if int(hits[-1]) >= n:
+            parts.append(hits[: int(torch.searchsorted(hits, n))])
+            return torch.cat(parts) if len(parts) > 1 else parts[0]
+        parts.append(hits)
+        last = int(hits[-1])
+        m = int((n - last) * p + 6 * math.sqrt((n - last) * p + 1) + 16)
+
+
 def sort_ints(x: Tensor) -> Tensor:
     """Sorted copy of a 1-D CPU int64 tensor of non-negative values.
 
@@ -296,10 +324,14 @@ def sample_sites(
     nb = eligible.numel()
     total = n_elems * nb
     ber = getattr(fault, "ber", None)
-    k = draw_binomial(total, ber, generator) if ber is not None else int(fault.count)  # type: ignore[attr-defined]
-    if k > total:
-        raise QfiError(f"count={k} exceeds the {total} eligible (element, bit) sites")
-    s = sample_distinct(total, k, generator)
+    if ber is not None and 0 < ber < 1 and total * ber >= DENSE_FLIPS:
+        s = sample_bernoulli(total, float(ber), generator)  # dense: no binomial draw, no sort
+        k = s.numel()
+    else:
+        k = draw_binomial(total, ber, generator) if ber is not None else int(fault.count)  # type: ignore[attr-defined]
+        if k > total:
+            raise QfiError(f"count={k} exceeds the {total} eligible (element, bit) sites")
+        s = sample_distinct(total, k, generator)
     lo, hi = _ends(eligible)
     if nb == 1:
         return s, torch.full((k,), lo, dtype=torch.int64)

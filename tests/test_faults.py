@@ -155,3 +155,41 @@ def test_integer_sites_of_numpy_and_torch_are_fine() -> None:
     """Integral numpy and torch scalars are valid site indices and bits, stored as ints."""
     f = qfi.FlipSites((("w", np.int64(3), np.uint8(2)), ("w", torch.tensor(4), 1)))
     assert f.sites == (("w", 3, 2), ("w", 4, 1)) and all(type(v) is int for s in f.sites for v in s[1:])
+
+
+def test_dense_bernoulli_sites_follow_the_law():
+    """Above DENSE_FLIPS expected flips, BER sites come from geometric gaps: sorted, distinct,
+    in range, a Binomial(n, p) count (mean and variance) and uniform positions (chi-square)."""
+    import numpy as np
+    from scipy import stats
+
+    from qfi.faults import DENSE_FLIPS, sample_bernoulli
+
+    n, p = 2_000_000, 0.05
+    assert n * p >= DENSE_FLIPS
+    g = torch.Generator().manual_seed(7)
+    counts, hist = [], np.zeros(50)
+    for _ in range(60):
+        s = sample_bernoulli(n, p, g)
+        assert bool((s[1:] > s[:-1]).all()) and int(s[0]) >= 0 and int(s[-1]) < n
+        counts.append(s.numel())
+        hist += np.bincount((s.numpy() * 50) // n, minlength=50)
+    c = np.asarray(counts, dtype=float)
+    sd = (n * p * (1 - p)) ** 0.5
+    assert abs(c.mean() - n * p) < 4 * sd / len(c) ** 0.5
+    assert 0.6 < c.var(ddof=1) / sd**2 < 1.5
+    assert stats.chisquare(hist).pvalue > 1e-4
+
+
+def test_dense_bitflip_uses_the_bernoulli_sampler_reproducibly():
+    """A BitFlip whose expected flips reach DENSE_FLIPS gives the same sites for the same seed and
+    its per-bit sites stay on the chosen bit."""
+    from qfi.faults import BitFlip, make_generator, resolve_bits, sample_sites
+
+    fault = BitFlip(ber=0.02, bits=(0, 7))
+    eligible = resolve_bits(fault.bits, 8, "int8")
+    a = sample_sites(fault, 600_000, eligible, make_generator(None, 3))
+    b = sample_sites(fault, 600_000, eligible, make_generator(None, 3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert abs(a[0].numel() - 600_000 * 8 * 0.02) < 5 * (600_000 * 8 * 0.02) ** 0.5
+    assert int(a[1].min()) >= 0 and int(a[1].max()) <= 7
