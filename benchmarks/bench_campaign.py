@@ -48,10 +48,10 @@ def clock_evaluations() -> Iterator[EvalClock]:
     clock = EvalClock()
     original = Evaluator.__call__
 
-    def timed(self: Evaluator, model: torch.nn.Module):  # type: ignore[no-untyped-def]
+    def timed(self: Evaluator, model: torch.nn.Module, *args, **kwargs):  # type: ignore[no-untyped-def]
         t = time.perf_counter()
         try:
-            return original(self, model)
+            return original(self, model, *args, **kwargs)
         finally:
             clock.seconds += time.perf_counter() - t
             clock.calls += 1
