@@ -9,12 +9,14 @@ from qfi.errors import QfiError
 from qfi.faults import BitFlip, Fault, FlipCount, FlipSites, StuckAt, parse_bits
 from qfi.log import FaultLog
 from qfi.select import NameFilter, NameInfo, list_names, select_modules, select_weights
+from qfi.training import FaultAwareTraining, fault_aware
 from qfi.weight_session import WeightSession, weights
 
 __all__ = [
     "ActivationSession",
     "BitFlip",
     "Fault",
+    "FaultAwareTraining",
     "FaultLog",
     "FlipCount",
     "FlipSites",
@@ -24,6 +26,7 @@ __all__ = [
     "StuckAt",
     "WeightSession",
     "activations",
+    "fault_aware",
     "list_names",
     "parse_bits",
     "select_modules",
