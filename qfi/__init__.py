@@ -8,6 +8,7 @@ from qfi.activation_session import ActivationSession, activations
 from qfi.errors import QfiError
 from qfi.faults import BitFlip, Fault, FlipCount, FlipSites, StuckAt, parse_bits
 from qfi.log import FaultLog
+from qfi.observers import Observer, observe
 from qfi.select import NameFilter, NameInfo, list_names, select_modules, select_weights
 from qfi.training import FaultAwareTraining, fault_aware
 from qfi.weight_session import WeightSession, weights
@@ -22,12 +23,14 @@ __all__ = [
     "FlipSites",
     "NameFilter",
     "NameInfo",
+    "Observer",
     "QfiError",
     "StuckAt",
     "WeightSession",
     "activations",
     "fault_aware",
     "list_names",
+    "observe",
     "parse_bits",
     "select_modules",
     "select_weights",

@@ -38,6 +38,7 @@ from quant_schemes import get_format
 log = logging.getLogger("qfi")
 
 KEY_COLUMNS = ("format", "target", "names", "fault", "ber", "count", "bit", "rep")
+OBSERVED = "_observed"  # a row's observer rows, taken off by the driver before detail.csv
 
 
 @dataclass(frozen=True)
@@ -255,6 +256,32 @@ class _DetailLog:
         self.f.close()
 
 
+class _ObserverLog:
+    """``observers.csv`` opened for appending: the observer rows of each finished trial, flushed
+    (rows of a trial written twice by a kill and a resume are dropped at the end, ``tidy_csv``)."""
+
+    def __init__(self, path: Path, columns: tuple[str, ...], fresh: bool) -> None:
+        self.columns = columns
+        new = fresh or not path.exists()
+        if not new:  # a kill may have left half a line: cut the file after its last whole line
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                with open(path, "r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
+        self.f = open(path, "w" if new else "a", newline="")
+        self.w = csv.writer(self.f, lineterminator="\n")
+        if new:
+            self.w.writerow(columns)
+            self.f.flush()
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        self.w.writerows([_fmt(r[c]) for c in self.columns] for r in rows)
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
 def _csv_text(columns: tuple[str, ...], rows: Any) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -274,7 +301,7 @@ def _fmt(v: Any) -> str:
 
 _OUTPUTS = (
     "summary.csv", "per_bit.csv", "per_format.csv", "per_bit.png", "per_format.png", "quantization.csv",
-    "per_layer.csv", "per_layer.png",
+    "per_layer.csv", "per_layer.png", "observers.csv",
 )
 #: every file name qfi writes in an output folder: a folder holding any of them without a qfi
 #: manifest belongs to someone else and is never overwritten
@@ -391,6 +418,8 @@ def _filters(cfg: CampaignConfig, names: str) -> tuple[str | None, str | None]:
 
 def _check_names(cfg: CampaignConfig, model: nn.Module) -> None:
     """Every name group selects something (QfiError with the nearest names otherwise)."""
+    if cfg.observe:
+        qfi.select_modules(model, names=cfg.observe)
     for names in cfg.names:
         include, exclude = _filters(cfg, names)
         if cfg.target == "weights":
@@ -442,28 +471,48 @@ def _run_trial(
     evaluator: Evaluator,
     clean: EvalResult,
     shortcut: bool,
+    prefix: Any = None,
 ) -> tuple[EvalResult, int, bool]:
-    """Returns (result, flips, evaluated)."""
+    """Returns (result, flips, evaluated).  ``prefix`` (a recorded ``qfi.prefix.PrefixCache``)
+    serves the fault-free start of the forward; if the forward spoils the cache (writes into a
+    cached tensor), the cache turns itself off and the trial is rerun without it."""
     fault = trial.fault_model()
     if shortcut and trial.certainly_clean:
         return clean, 0, False
+    use = prefix if prefix is not None and prefix.active else None
+
+    def evaluate() -> EvalResult:  # without a cache, exactly the call it always was
+        return evaluator(model) if use is None else evaluator(model, prefix=use)
+
     if cfg.target == "weights":
         log = session.apply(fault, seed=trial.seed)
         try:
             if shortcut and log.flips == 0:
                 return clean, 0, False
-            return evaluator(model), log.flips, True
+            res = evaluate()
+            if use is not None and not use.active:
+                res = evaluator(model)
+            return res, log.flips, True
         finally:
             session.undo()
     with session.inject(fault, seed=trial.seed) as log:
-        res = evaluator(model)
+        res = evaluate()
+    if use is not None and not use.active:  # the same sites again: same seed, fresh generator
+        with session.inject(fault, seed=trial.seed) as log:
+            res = evaluator(model)
     return res, log.flips, True
 
 
 class TrialContext:
     """What running trials needs, on the driver or on a worker: the model, its evaluator and
     calibration inputs, the golden baseline; it enters a group's session, computes its clean
-    baseline and turns trials into rows."""
+    baseline and turns trials into rows.
+
+    ``prefix`` (default: the config's ``prefix_reuse``) serves the fault-free start of each
+    trial's forward from clean activations cached per group (``qfi.prefix``), at most
+    ``cache_mb`` MiB of them (default: the config's ``cache_mb``); the rows are the same.  The
+    cache is recorded by the group's clean baseline (a Ray worker, which runs none, records it at
+    its first evaluated trial of the group) and dropped when the group's session ends."""
 
     def __init__(
         self,
@@ -474,19 +523,52 @@ class TrialContext:
         shortcut: bool,
         golden: EvalResult | None,
         golden_values: dict[str, float],
+        prefix: bool | None = None,
+        cache_mb: float | None = None,
     ) -> None:
+        from qfi.prefix import DEFAULT_CACHE_MB
+
         self.cfg, self.model, self.evaluator, self.calib = cfg, model, evaluator, calib
         self.shortcut = shortcut
         self.golden, self.golden_values = golden, golden_values
         self.metric = evaluator.metric
+        self.prefix = bool(getattr(cfg, "prefix_reuse", False)) if prefix is None else prefix
+        if cache_mb is None:
+            cache_mb = getattr(cfg, "cache_mb", None)
+        self.cache_mb = DEFAULT_CACHE_MB if cache_mb is None else cache_mb
+        self._cache: tuple[Any, Any] | None = None  # (session, its PrefixCache)
+        self._warned: set[str] = set()
+        self.observer: Any = None
+        self._observed: tuple[str, str] | None = None  # the group whose clean run is the reference
+        if cfg.observe is not None:
+            from qfi.observers import Observer
 
-    def session(self, fmt_name: str, names: str) -> contextlib.AbstractContextManager[Any]:
-        return _format_session(self.cfg, self.model, fmt_name, names, self.calib)
+            self.observer = Observer(model, names=cfg.observe or None)
+            self.prefix = False  # observers compare every module: none may be served from a cache
+
+    @contextlib.contextmanager
+    def session(self, fmt_name: str, names: str) -> Iterator[Any]:
+        with _format_session(self.cfg, self.model, fmt_name, names, self.calib) as s:
+            try:
+                yield s
+            finally:
+                if self._cache is not None and self._cache[0] is s:
+                    self._cache = None  # the cached activations belong to this session
 
     def clean_baseline(self, session: Any, fmt_name: str, names: str) -> tuple[EvalResult, dict[str, float]]:
         """The clean result of a group (checked, warned about) and its clean/golden row values."""
         cfg, metric = self.cfg, self.metric
-        clean = self.evaluator(self.model)
+        if self.prefix:  # the clean pass also records the group's prefix cache
+            cache = self._new_prefix_cache(session, names)
+            clean = self.evaluator(self.model, prefix=cache if cache.begin() else None)
+            if not cache.end(self.evaluator.inputs()):  # recorded outputs not reproducible
+                clean = self.evaluator(self.model)
+            self._cache = (session, cache)
+        elif self.observer is not None:  # the clean pass is the observers' reference
+            clean = self.observer.record_reference(lambda: self.evaluator(self.model))
+            self._observed = (fmt_name, names)
+        else:
+            clean = self.evaluator(self.model)
         what = f"clean ({fmt_name}, names {names or 'all'!r})"
         _check_baseline(cfg, clean, what, self.model, self.evaluator)
         never = getattr(session, "never_called", [])
@@ -504,11 +586,50 @@ class TrialContext:
         base.update({f"golden_{c}": self.golden_values[c] for c in metric.columns})
         return clean, base
 
+    def _warn_once(self, msg: str) -> None:
+        if msg not in self._warned:
+            self._warned.add(msg)
+            log.warning("%s", msg)
+
+    def prefix_cache(self, session: Any, names: str) -> Any:
+        """The group's ``PrefixCache`` (recorded by ``clean_baseline``, else on the first call for
+        ``session``, whose model must be clean then: a worker gets no clean baseline to run), or
+        None without prefix reuse."""
+        if not self.prefix:
+            return None
+        if self._cache is None or self._cache[0] is not session:
+            self._cache = (session, self._new_prefix_cache(session, names).record(self.evaluator.inputs()))
+        return self._cache[1]
+
+    def _new_prefix_cache(self, session: Any, names: str) -> Any:
+        from qfi.prefix import prefix_cache
+
+        label = f"names {names or 'all'!r}"
+        return prefix_cache(self.model, session, None, self.cache_mb, label, self._warn_once)
+
     def row(self, session: Any, t: Trial, clean: EvalResult, base: dict[str, float]) -> dict[str, Any]:
-        res, flips, evaluated = _run_trial(
-            self.cfg, session, t, self.model, self.evaluator, clean, self.shortcut
-        )
-        return _row(self.cfg, get_format(t.format), t, res, flips, evaluated, clean, base)
+        certain = self.shortcut and t.certainly_clean
+        prefix = None if certain else self.prefix_cache(session, t.names)
+        obs = self.observer
+        if obs is None:
+            res, flips, evaluated = _run_trial(
+                self.cfg, session, t, self.model, self.evaluator, clean, self.shortcut, prefix
+            )
+            return _row(self.cfg, get_format(t.format), t, res, flips, evaluated, clean, base)
+        if self._observed != (t.format, t.names):  # a later wave or a Ray worker: record it again
+            obs.record_reference(lambda: self.evaluator(self.model))
+            self._observed = (t.format, t.names)
+        with obs.measuring() as measured:
+            res, flips, evaluated = _run_trial(
+                self.cfg, session, t, self.model, self.evaluator, clean, self.shortcut, prefix
+            )
+        if not evaluated:  # answered from the clean result: exactly the reference
+            measured = obs.unchanged_rows()
+        obs.rows.clear()  # the campaign writes them: nothing accumulates over trials
+        row = _row(self.cfg, get_format(t.format), t, res, flips, evaluated, clean, base)
+        keys = {k: row[k] for k in KEY_COLUMNS}
+        row[OBSERVED] = [{**keys, **m} for m in measured]
+        return row
 
 
 class LocalExecutor:
@@ -825,9 +946,19 @@ def _run_locked(
     if not done:
         state.wrote.append(detail_path)
     detail = _DetailLog(detail_path, done, columns)
+    observers = None
+    if cfg.observe is not None:
+        from qfi.observers import COLUMNS as OBS_COLUMNS
+
+        obs_path = out / "observers.csv"
+        if not obs_path.exists():
+            state.wrote.append(obs_path)
+        observers = _ObserverLog(obs_path, (*KEY_COLUMNS, *OBS_COLUMNS), fresh=not done)
     extra_evaluations = 0
     with contextlib.ExitStack() as stack:
         stack.callback(detail.close)
+        if observers is not None:
+            stack.callback(observers.close)
         if todo:
             groups: dict[tuple[str, str], list[Trial]] = {}
             for t in todo:
@@ -843,6 +974,9 @@ def _run_locked(
             ctx = TrialContext(cfg, model, evaluator, calib, shortcut, golden, golden_values)
 
             def emit(row: dict[str, Any]) -> None:
+                observed = row.pop(OBSERVED, None)
+                if observers is not None and observed is not None:
+                    observers.add(observed)  # before the detail row: a kill between reruns the trial
                 detail.add(row)
                 state.rows += 1
                 what = row["ber"] if row["fault"] == "ber" else row["count"]
@@ -878,6 +1012,11 @@ def _run_locked(
     rows = _finished_rows(detail_path, metric.columns)
     ordered = sorted((r for k, r in rows.items() if k in keyed), key=lambda r: keyed[_row_key(r)].index)
     _atomic_write(detail_path, _csv_text(columns, ordered))
+    if cfg.observe is not None and (out / "observers.csv").exists():
+        from qfi.observers import tidy_csv
+
+        finished = {_row_key(r) for r in ordered}
+        tidy_csv(out / "observers.csv", KEY_COLUMNS, lambda k: keyed[k].index if k in finished else None)
     # names stay strings ("" = everything, even a filter spelled "nan"); metric values may be NaN
     # (cosine of a trial whose every output is non-finite)
     nan = {c: ["nan"] for c in columns if c not in _TEXT_COLUMNS}

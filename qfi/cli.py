@@ -160,6 +160,19 @@ def _run_flags(g: Any, *, device: bool, batch: bool = True) -> None:
         "--address", default=None, help="ray: an existing cluster (ray://head:10001, auto; default: local)"
     )
     g.add_argument("--threads", type=int, default=None, help="ray: CPU threads per worker (default 1)")
+    g.add_argument(
+        "--prefix-reuse",
+        action="store_true",
+        help="serve the fault-free start of each trial's forward from cached clean activations "
+        "(the same rows; faster when the faults sit late in the model)",
+    )
+    g.add_argument(
+        "--cache-mb",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --prefix-reuse: MiB of cached activations per name group (default 512)",
+    )
     if batch:
         g.add_argument("--batch-size", type=int, default=None, help="evaluation batch size (default 512)")
         g.add_argument(
@@ -204,6 +217,15 @@ def _faults(p: argparse.ArgumentParser, ber: str, bits: str) -> None:
         metavar="KEY",
         help="activations: which floating tensor of a module output carries faults: a dict/ModelOutput "
         "key, dataclass field, index or dotted path (default: the first)",
+    )
+    p.add_argument(
+        "--observe",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="FILTER",
+        help="write observers.csv: per trial and module, the error against the clean run (RMSE, MAE, "
+        "max abs, changed share, NaN/Inf); FILTER picks the modules (none given: every leaf module)",
     )
 
 
@@ -309,6 +331,7 @@ def _config(a: argparse.Namespace, formats: str) -> Any:
         calibrate_data=a.calibrate_data,
         dynamic=a.dynamic,
         output_key=a.output_key,
+        observe=a.observe,
         metric=a.metric,
         bn_stats=a.bn_stats,
         allow_nonfinite=a.allow_nonfinite,
@@ -319,7 +342,8 @@ def _config(a: argparse.Namespace, formats: str) -> Any:
 
 def _executor_fields(a: argparse.Namespace) -> dict[str, Any]:
     """The executor flags that were given (a campaign file's values stay otherwise)."""
-    d = {"executor": a.executor, "workers": a.workers, "address": a.address, "threads": a.threads}
+    d = {"executor": a.executor, "workers": a.workers, "address": a.address, "threads": a.threads,
+         "prefix_reuse": a.prefix_reuse or None, "cache_mb": a.cache_mb}
     return {k: v for k, v in d.items() if v is not None}
 
 

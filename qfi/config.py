@@ -168,6 +168,10 @@ class CampaignConfig:
     somewhat optimistic (their coverage is below 95%); keep ``reps_min`` >= 3 and report the
     repetitions used (``trials`` in summary.csv).
 
+    ``prefix_reuse`` serves the part of each trial's forward that comes before the first fault
+    from clean activations cached per name group (``qfi.prefix``), at most ``cache_mb`` MiB of
+    them (default 512); the rows are the same, so neither is part of a campaign's identity.
+
     Repeated formats, BERs, flip counts and name groups are dropped (a condition runs once).
     """
 
@@ -201,6 +205,7 @@ class CampaignConfig:
     calibrate_data: str | None = None
     dynamic: bool = False
     output_key: str | None = None
+    observe: str | None = None
     metric: str = "top1"
     bn_stats: bool = False
     allow_nonfinite: bool = False
@@ -208,6 +213,8 @@ class CampaignConfig:
     workers: int | None = None
     address: str | None = None
     threads: int = 1
+    prefix_reuse: bool = False
+    cache_mb: int | None = None
     out: str = "qfi-results"
 
     def __post_init__(self) -> None:
@@ -236,7 +243,7 @@ class CampaignConfig:
             raise QfiError(f"class_map {self.class_map!r} must be a path to a JSON or text file")
         if self.channels is not None and self.channels not in (1, 3):
             raise QfiError(f"channels {self.channels} must be 1 (grayscale) or 3 (RGB)")
-        for k in ("dynamic", "bn_stats", "allow_nonfinite"):
+        for k in ("dynamic", "bn_stats", "allow_nonfinite", "prefix_reuse"):
             if not isinstance(getattr(self, k), bool):
                 raise QfiError(f"{k} {getattr(self, k)!r} must be true or false")
         for k in ("model", "exclude", "device", "out"):
@@ -299,6 +306,10 @@ class CampaignConfig:
             set_("output_key", str(self.output_key))
             if self.target != "activations":
                 raise QfiError("output_key applies to target 'activations' only (a module output's tensor)")
+        if self.observe is not None and not isinstance(self.observe, str):
+            raise QfiError(
+                f"observe {self.observe!r} must be a module name filter ('' for every leaf module)"
+            )
         if not isinstance(self.metric, str):
             raise QfiError(f"metric {self.metric!r} must be a string: 'top1', 'cosine', 'module:fn', ...")
         from qfi.metrics import parse_spec
@@ -320,6 +331,12 @@ class CampaignConfig:
             raise QfiError(f"address {self.address!r} must be a string such as 'ray://head:10001' or 'auto'")
         if self.executor == "local" and (self.workers is not None or self.address is not None):
             raise QfiError("workers and address apply to executor 'ray' only (add --executor ray)")
+        if self.cache_mb is not None:
+            set_("cache_mb", _int("cache_mb", self.cache_mb))
+            if self.cache_mb < 0:
+                raise QfiError(f"cache_mb {self.cache_mb} must be >= 0 (MiB of cached activations)")
+            if not self.prefix_reuse:
+                raise QfiError("cache_mb applies with prefix_reuse (add --prefix-reuse)")
         if self.bn_stats and self.target != "weights":
             raise QfiError("bn_stats applies to target 'weights' only (BatchNorm running statistics)")
         if self.dynamic and self.target != "activations":
@@ -388,6 +405,6 @@ class CampaignConfig:
         """The fields that determine the results (a resumed run must match them)."""
         d = self.to_dict()
         d.pop("out")
-        for k in ("allow_nonfinite", "executor", "workers", "address", "threads"):
+        for k in ("allow_nonfinite", "executor", "workers", "address", "threads", "prefix_reuse", "cache_mb"):
             d.pop(k)  # how and where the trials run, not what they compute
         return d

@@ -199,12 +199,15 @@ class Evaluator:
         return [x for x, _, _ in self.batches]
 
     @torch.no_grad()
-    def __call__(self, model: nn.Module) -> EvalResult:
+    def __call__(self, model: nn.Module, prefix: Any = None) -> EvalResult:
+        """One pass over the batches.  ``prefix`` (a :class:`qfi.prefix.PrefixCache` recorded on
+        this evaluator's batches) serves the fault-free start of each forward from its cache:
+        batch ``i`` runs as ``prefix.forward(model, i, inputs)``."""
         self.calls += 1
         rec = Record()
         finite = []
-        for x, y, n in self.batches:
-            out = call_model(model, x)
+        for i, (x, y, n) in enumerate(self.batches):
+            out = call_model(model, x) if prefix is None else prefix.forward(model, i, x)
             f = finite_rows(out, n)
             self.metric.batch(rec, out, y, f)
             rec.n += n

@@ -38,6 +38,41 @@ TABLES = {
         rf"per-trial overhead beyond the evaluation: {NUM} ms .*",
         rf"plots \(written once per campaign, not counted above\): {NUM} s",
     ],
+    "bench_observers.py": [
+        *(
+            line
+            for model in (r"tiny ViT \(smoke test\), batch 8", r"embedded ViT \(digits\), batch 450")
+            for line in (
+                rf"{model}: \d+ leaf modules observed, reference {NUM} MB per batch \(device memory\), "
+                r"\d+ pairs",
+                rf"plain forward \(median\) +{NUM}ms +1\.00x  no observer",
+                rf"observer off +{NUM}ms +{NUM}x  hooks added to the model: 0",
+                rf"recording the reference +{NUM}ms +{NUM}x  one copy of every observed output .*",
+                rf"measuring against it +{NUM}ms +{NUM}x  rmse, mae, max_abs, changed, nonfinite per module",
+            )
+        ),
+    ],
+    "bench_prefix.py": [
+        r"model: embedded ViT, \d+ images in \d+ batch\(es\); .*",
+        r"model: vit-b/16 shape.*, \d+ images in \d+ batch\(es\)",
+        *(
+            rf"{model} \| {what}: full {NUM} ms, reuse {NUM} ms per trial, x{NUM}; recording \+{NUM} "
+            r"evaluations once; [1-9]\d* module\(s\) served"
+            for model, what in (
+                ("embedded vit", "weights heads"),
+                ("embedded vit", "weights encoder_layer_2"),
+                ("embedded vit", "activations heads.head"),
+                (r"vit-b/16 shape.*", "weights heads"),
+                (r"vit-b/16 shape.*", r"weights encoder_layer_\d+"),
+            )
+        ),
+        *(
+            rf"{model} \| per-layer sweep, \d+ groups x \d+ trials: full {NUM} s, reuse {NUM} s = {NUM}x of "
+            rf"the full forwards; with the recording {NUM}x"
+            for model in ("embedded vit", r"vit-b/16 shape.*")
+        ),
+        r"rows identical with and without reuse: True",
+    ],
     "bench_ray.py": [
         rf"one evaluation \(\d+ images, embedded ViT, 1 thread\): {NUM} ms; .*",
         *(rf"{run} +\d+ trials in +{NUM} s = +{NUM} trials/s  \(x{NUM} vs local\)"

@@ -84,11 +84,11 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, model, monk
     real_call = Evaluator.__call__
     calls = {"n": 0}
 
-    def dying(self, m):
+    def dying(self, m, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 9:
             raise KeyboardInterrupt
-        return real_call(self, m)
+        return real_call(self, m, *args, **kwargs)
 
     monkeypatch.setattr(Evaluator, "__call__", dying)
     with pytest.raises(KeyboardInterrupt):
