@@ -1,11 +1,15 @@
 """Cost of one weight-fault trial and of activation emulation on a ViT-B/16-shaped model.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_inject.py [--quick | --smoke]
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_inject.py [--quick | --smoke] [--format int8,mxfp4,nvfp4]
 
 Prints, from one run: the golden batch-1 forward; qfi's inject+restore per BER trial (fp32 over
 all 86.6M weights); two honest baselines (full copy-restore; dense per-bit-plane masks,
 extrapolated from one encoder block); the undo log's memory; and the forward overhead of
-emulating fp16 / bf16 / int8 outputs on every nn.Linear with a fault armed.
+emulating fp16 / bf16 / int8 outputs on every nn.Linear with a fault armed.  ``--format`` adds a
+table of one weight-fault trial at BER 1e-6 over all weights per format (every stored bit: codes
+and, for block / group formats, scale words), with its ratio to the first format listed
+(``--format int8,mxfp4``: mxfp4's trial cost as a multiple of int8's); ``--only formats`` prints
+that table alone.
 
 ``--smoke`` runs every measurement once or twice on a tiny ViT of the same structure (a few
 seconds; CI runs it so the benchmark cannot rot), ``--quick`` the real shape with fewer rounds.
@@ -262,12 +266,71 @@ def bench_activations(model: VisionTransformer, x1: Tensor, plan: Plan) -> None:
     )
 
 
+def bench_formats(model: VisionTransformer, x1: Tensor, plan: Plan, formats: list[str]) -> None:
+    """One weight-fault trial at BER 1e-6 over every stored bit of all weights, per format.  Each
+    format gets its own copy of the model and session, all entered at once, so that every round
+    times [a golden forward, the trials] of every format under the same load; the ratio to the
+    first format is taken within each round, then the median over rounds."""
+    import contextlib
+    import copy
+
+    ber = 1e-6
+    n = plan.trials[ber]
+    g = torch.Generator().manual_seed(0)
+    n_params = sum(p.numel() for p in model.parameters())
+    fault = qfi.BitFlip(ber=ber)
+    with contextlib.ExitStack() as stack:
+        sessions, enter = {}, {}
+        for fmt in formats:
+            m = model if fmt == formats[0] else copy.deepcopy(model)
+            t = clock()
+            sessions[fmt] = (m, stack.enter_context(qfi.weights(m, fmt)))
+            enter[fmt] = clock() - t
+        times: dict[str, list[float]] = {f: [] for f in formats}
+        ratios: dict[str, list[float]] = {f: [] for f in formats}
+        rel: dict[str, list[float]] = {f: [] for f in formats}
+        flips: dict[str, list[int]] = {f: [] for f in formats}
+        scale_rows = dict.fromkeys(formats, 0)
+        for _ in range(plan.rounds):
+            for fmt in formats:
+                m, w = sessions[fmt]
+                gold = forward_time(m, x1)
+                ts = []
+                for _ in range(n):
+                    t = clock()
+                    with w.inject(fault, generator=g) as log:
+                        k = log.flips
+                    ts.append(clock() - t)
+                    flips[fmt].append(k)
+                    scale_rows[fmt] += int((log.name_id >= len(w.names)).sum())  # after the timing
+                times[fmt].append(statistics.median(ts))
+                ratios[fmt].append(statistics.median(ts) / gold)
+            for fmt in formats:
+                rel[fmt].append(times[fmt][-1] / times[formats[0]][-1])
+        bpv = {f: sessions[f][1].total_bits / n_params for f in formats}
+    print(f"\nweight-fault trial per format, BER {ber:g}, all stored bits, flat buffer, {n_params:,} weights")
+    vs = "vs " + formats[0]
+    print(f"{'format':14s} {'bits/value':>10s} {'trial':>11s} {'/ golden':>10s} {vs:>10s}  notes")
+    for f in formats:
+        share = scale_rows[f] / max(sum(flips[f]), 1)
+        print(f"{f:14s} {bpv[f]:10.4f} {statistics.median(times[f]) * 1e3:9.3f}ms "
+              f"{100 * statistics.median(ratios[f]):9.4f}% {statistics.median(rel[f]):9.2f}x  mean flips "
+              f"{statistics.mean(flips[f]):.1f}, {100 * share:.1f}% in scale words, "
+              f"session enter {enter[f]:.2f} s")
+    print("trial: median over rounds of the median trial time; vs: median over rounds of (trial time / the "
+          "first format's in the same round)")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="fewer repetitions")
     size.add_argument("--smoke", action="store_true", help="a tiny ViT, every measurement once (seconds)")
-    ap.add_argument("--only", choices=("weights", "activations"), default=None, help="run one half")
+    ap.add_argument("--only", choices=("weights", "activations", "formats"), default=None,
+                    help="run one part (formats: only the --format table)")
+    ap.add_argument("--format", default=None,
+                    help="comma-separated formats for a per-format weight-trial table at BER 1e-6 "
+                         "(e.g. int8,mxfp4,nvfp4; ratios to the first)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]; timings synchronize")
     args = ap.parse_args(argv)
     global DEVICE
@@ -277,10 +340,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.manual_seed(0)
     model = plan.model().eval().to(DEVICE)
     x1 = torch.randn(1, 3, model.image_size, model.image_size, device=DEVICE)
-    if args.only != "activations":
+    if args.only is None or args.only == "weights":
         bench_weights(model, x1, plan)
-    if args.only != "weights":
+    if args.only is None or args.only == "activations":
         bench_activations(model, x1, plan)
+    if args.format or args.only == "formats":
+        formats = [f.strip() for f in (args.format or "int8,mxfp4").split(",") if f.strip()]
+        bench_formats(model, x1, plan, formats)
 
 
 if __name__ == "__main__":

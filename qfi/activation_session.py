@@ -19,6 +19,13 @@ whose output is the very tensor that a selected module inside it has just produc
 returning its final LayerNorm's output) is not quantized or faulted a second time: every
 tensor is one fault site, counted once.
 
+Block and group formats.  Formats that store their scales (MX, NVFP4, ``int4_g128``,
+``uint8_asym``) compute them from each output on every forward, as MX hardware does
+(``calibrate`` and ``dynamic`` are not used for them), along the output's last axis (the feature
+dimension).  Faults hit the output's element codes and the scale words (and zero points) of
+that forward as ``part`` says (``qfi.space``: ``"all"`` by default); a flipped scale bit
+re-decodes its whole block; log rows of scale words are named ``<module>:scale``.
+
 Modules never called.  Calibration needs every selected module to run at least once (else a
 QfiError names the modules the forward never called, apart from empty calibrate inputs); an
 armed forward in which no selected module produced any value is a QfiError, never a 0-flip
@@ -49,7 +56,7 @@ from qfi.faults import (
 )
 from qfi.log import FaultLog
 from qfi.select import OPAQUE_MODULES, activation_modules, call_model, select_modules
-from qfi.space import FaultSpace, get_fmt, log_rows
+from qfi.space import FaultSpace, check_part, fault_stored, get_fmt, log_rows
 
 
 def _owned(t: Tensor, inputs: object, module: nn.Module | None = None, kwargs: object = None) -> bool:
@@ -82,7 +89,9 @@ class ActivationSession:
     Each selected module's output is replaced by ``fmt.quantize(output)`` (fp32: left alone
     unless a fault is armed for this forward).  Integer scales are per tensor: calibrated as
     ``max|x|`` over the ``calibrate`` inputs on enter and then frozen, or with ``dynamic=True``
-    chosen on every output.  Per-channel formats are not supported for activations.  A
+    chosen on every output.  Per-channel formats are not supported for activations; block and group
+    formats (MX, NVFP4, ``int4_g128``) choose their scales on every output and take ``part`` (see
+    the module docstring).  A
     calibrate input that is a tuple (or list) is passed as positional arguments, a dict as
     keyword arguments.
 
@@ -103,9 +112,11 @@ class ActivationSession:
         calibrate: Iterable | None = None,
         dynamic: bool = False,
         output: str | int | None = None,
+        part: str = "all",
     ) -> None:
         outputs.check_key(output)
         self.model, self.format, self.dynamic, self.output = model, get_fmt(fmt), dynamic, output
+        self.part = check_part(part)
         self._filter, self._calibrate = (names, exclude), calibrate
         self._handles: list = []
         self._fault = None
@@ -124,13 +135,16 @@ class ActivationSession:
         self._mods = [table[n] for n in self.names]
         self._fp32 = fmt.name == "fp32"
         self._scaled = fmt.choose_qparams(torch.ones(1)) is not None
+        self._space1 = FaultSpace(self.names[:1], [(1,)], fmt)  # validates parts and bits at arm
+        self._space1.select_parts(self.part)
+        self._stored = len(self._space1.parts) > 1  # scales stored per group: chosen per forward
         self._scales: list[Tensor | None] = [None] * len(self._mods)
-        self._sizes: dict[object, list[int]] = {}
+        self._sizes: dict[object, list[tuple[int, ...]]] = {}
         self._called = [0] * len(self._mods)
         self._hits = 0  # values produced by selected modules in the current forward
         self._emitted: dict[int, tuple[weakref.ref, int]] = {}
         self._nesting()
-        self.log = FaultLog(self.names)
+        self.log = FaultLog(self._log_names())
         self._handles = [
             self.model.register_forward_pre_hook(self._pre, with_kwargs=True),
             self.model.register_forward_hook(self._post, with_kwargs=True),
@@ -139,13 +153,17 @@ class ActivationSession:
             m.register_forward_hook(self._hook(i), with_kwargs=True) for i, m in enumerate(self._mods)
         ]
         try:
-            if self._scaled and not self.dynamic:
+            if self._scaled and not self.dynamic and not self._stored:
                 self._run_calibration()
         except BaseException:
             self._remove()
             raise
         self._mode = "run"
         return self
+
+    def _log_names(self) -> list[str]:
+        """Module names, then ``<module>:scale`` / ``<module>:zero_point`` for stored-scale formats."""
+        return FaultSpace(self.names, [(1,)] * len(self.names), self.format).log_names
 
     def _nesting(self) -> None:
         """Which selected modules contain selected modules (``_inner``: their output may be a
@@ -216,16 +234,24 @@ class ActivationSession:
         generator: torch.Generator | None = None,
         seed: int | None = None,
         calls: Iterable[int] | None = None,
+        part: str | None = None,
     ) -> FaultLog:
-        """Apply ``fault`` to every following forward (or only to forward indices ``calls``)."""
+        """Apply ``fault`` to every following forward (or only to forward indices ``calls``);
+        ``part`` overrides the session's part (formats that store their scales)."""
         if self._mode != "run":
             raise QfiError("use the session inside its `with` block")
         if self._fault is not None:
             raise QfiError("a fault is already armed; call disarm() first (or use act.inject)")
         if not isinstance(fault, (BitFlip, FlipCount, FlipSites, StuckAt)):
             raise QfiError(f"not a fault model: {fault!r} (BitFlip, FlipCount, FlipSites, StuckAt)")
+        part = self.part if part is None else check_part(part)
         if not isinstance(fault, FlipSites):
-            resolve_bits(fault.bits, self.format.bits, self.format.name)
+            parts = self._space1.select_parts(part, fault)
+            if len(parts) == 1:
+                p = parts[0]
+                label = self.format.name if p == "codes" else f"{self.format.name}:{p}"
+                resolve_bits(fault.bits, self._space1.width[p], label)
+        self._part = part
         if calls is not None:
             calls = frozenset(int(c) for c in calls)
             if any(c < 0 for c in calls):
@@ -234,7 +260,7 @@ class ActivationSession:
         self._fault, self._calls, self._call, self._plan = fault, calls, -1, {}
         by_ber = isinstance(fault, StuckAt) and fault.ber is not None
         self._per_output = isinstance(fault, BitFlip) or by_ber
-        self.log = FaultLog(self.names, fmt=self.format.name)
+        self.log = FaultLog(self._log_names(), fmt=self.format.name)
         return self.log
 
     def disarm(self) -> None:
@@ -247,9 +273,10 @@ class ActivationSession:
         generator: torch.Generator | None = None,
         seed: int | None = None,
         calls: Iterable[int] | None = None,
+        part: str | None = None,
     ) -> Iterator[FaultLog]:
         """Arm on enter (yields the FaultLog, filled as forwards run), disarm on exit."""
-        log = self.arm(fault, generator=generator, seed=seed, calls=calls)
+        log = self.arm(fault, generator=generator, seed=seed, calls=calls, part=part)
         try:
             yield log
         finally:
@@ -275,18 +302,20 @@ class ActivationSession:
         self._call += 1
         if not self._armed_now() or self._per_output:
             return
-        sizes = self._probe_sizes(args, kwargs)
+        shapes = self._probe_sizes(args, kwargs)
         self._emitted.clear()  # what the probe forward recorded
-        if not sum(sizes):
+        space = FaultSpace(self.names, shapes, self.format)
+        if not space.numel:
             raise QfiError(self._nothing_computed("the size probe of this forward"))
-        space = FaultSpace(self.names, [(n,) for n in sizes], self.format)
-        elem, bit, _ = space.sites(self._fault, self._g)
-        tid, idx = space.locate(elem)
-        ids, counts = torch.unique_consecutive(tid, return_counts=True)
-        self._plan, a = {}, 0
-        for i, c in zip(ids.tolist(), counts.tolist(), strict=True):
-            self._plan[i] = (idx[a : a + c], bit[a : a + c])
-            a += c
+        sites, _ = space.part_sites(self._fault, self._g, self._part)
+        self._plan = {}
+        for p, (word, bit) in sites.items():
+            tid, idx = space.locate_part(word, p)
+            ids, counts = torch.unique_consecutive(tid, return_counts=True)
+            a = 0
+            for i, c in zip(ids.tolist(), counts.tolist(), strict=True):
+                self._plan.setdefault(i, {})[p] = (idx[a : a + c], bit[a : a + c])
+                a += c
 
     def _post(self, _module: nn.Module, _args: tuple, _kwargs: dict, _out: object) -> None:
         if self._mode == "run" and not self._hits and self._armed_now():
@@ -300,13 +329,13 @@ class ActivationSession:
             "modules that this forward computes"
         )
 
-    def _probe_sizes(self, args: tuple, kwargs: dict) -> list[int]:
+    def _probe_sizes(self, args: tuple, kwargs: dict) -> list[tuple[int, ...]]:
         def sig(a: object) -> object:
             return (tuple(a.shape), a.dtype) if isinstance(a, Tensor) else type(a)
 
         key = (tuple(sig(a) for a in args), tuple((k, sig(v)) for k, v in kwargs.items()))
         if key not in self._sizes:
-            self._probe = [0] * len(self._mods)
+            self._probe: list[tuple[int, ...]] = [(0,)] * len(self._mods)
             self._mode = "probe"
             try:
                 with torch.no_grad():
@@ -351,8 +380,8 @@ class ActivationSession:
             if inner and self._seen(t):  # an inner selected module's value: one site, counted once
                 return None
             if mode == "probe":
-                if not self._probe[i]:
-                    self._probe[i] = t.numel()
+                if self._probe[i] == (0,):
+                    self._probe[i] = tuple(t.shape)
                 if outer:
                     self._emit(t)
                 return None
@@ -370,7 +399,10 @@ class ActivationSession:
                 return None
             if self._fp32 and t.dtype != torch.float32:
                 raise QfiError(f"activation {self.names[i]!r} is {t.dtype}; format 'fp32' needs float32")
-            scale = self.format.choose_qparams(t.detach().float()) if self.dynamic else self._scales[i]
+            if self._stored:  # block / group scales: from this output, on every forward
+                scale = self.format.choose_qparams(t.detach(), strict=False)
+            else:
+                scale = self.format.choose_qparams(t.detach().float()) if self.dynamic else self._scales[i]
             q = t if self._fp32 else self._quantize(t, scale, inplace_ok and _owned(t, inp, module, kw))
             if armed:
                 q = self._inject(i, q, scale)
@@ -381,32 +413,25 @@ class ActivationSession:
 
         return hook
 
-    def _quantize(self, t: Tensor, scale: Tensor | None, inplace: bool = False) -> Tensor:
-        """``fmt.quantize(t)`` in fewer passes for float and int formats (the same values, checked
-        in tests/test_inject.py; NaN payloads aside, and a NaN activation propagates instead of
-        raising as ``IntSymmetric.encode`` would).  With ``inplace`` (a float32 output that the
-        module made fresh and autograd does not track) the result is written into ``t`` itself:
-        no new allocation, which on the CPU means no page faults on every forward."""
-        fmt = self.format
-        dt = getattr(fmt, "torch_dtype", None)
-        inplace = inplace and t.dtype == torch.float32
-        if scale is None and dt is not None and t.dtype == torch.float32:
-            return t.copy_(fmt.cast(t)) if inplace else fmt.cast(t).to(torch.float32)
-        if scale is not None and type(fmt).__name__ == "IntSymmetric" and fmt.bits <= 24:
-            # the arithmetic of IntSymmetric.decode(encode(t, scale)), in three passes
-            s = scale.to(t.device, torch.float32)
-            r = torch.reciprocal(s)
-            q = t.mul_(r).round_() if inplace else torch.round(t.float() * r)
-            return q.clamp_(-fmt.qmax, fmt.qmax).mul_(s)
-        return fmt.quantize(t, scale)
+    def _quantize(self, t: Tensor, scale: object, inplace: bool = False) -> Tensor:
+        """``fmt.quantize(t, scale)`` through the format's own fast path, lenient: a NaN activation
+        propagates instead of raising as ``encode`` would.  With ``inplace`` (a float32 output that
+        the module made fresh and autograd does not track) the result is written into ``t`` itself
+        (``quantize(..., out=t)``): no new allocation, which on the CPU means no page faults on
+        every forward."""
+        out = t if inplace and t.dtype == torch.float32 else None
+        return self.format.quantize(t, scale, out=out, strict=False)
 
-    def _inject(self, i: int, q: Tensor, scale: Tensor | None) -> Tensor:
+    def _inject(self, i: int, q: Tensor, scale: object) -> Tensor:
         fault, fmt = self._fault, self.format
+        if self._stored:
+            return self._inject_stored(i, q, scale)
         if self._per_output:
             eligible = resolve_bits(fault.bits, fmt.bits, fmt.name)
             elem, bit = sample_sites(fault, q.numel(), eligible, self._g)
         else:
-            elem, bit = self._plan.pop(i, (torch.empty(0, dtype=torch.int64),) * 2)
+            empty = torch.empty(0, dtype=torch.int64)
+            elem, bit = self._plan.pop(i, {}).get("codes", (empty, empty))
         if elem.numel() == 0:
             return q
         value = fault.value if isinstance(fault, StuckAt) else None
@@ -440,6 +465,38 @@ class ActivationSession:
         return flat.index_copy_(0, idx, newv).view_as(q)  # q is our fresh quantized copy
 
 
+    def _inject_stored(self, i: int, q: Tensor, qp) -> Tensor:
+        """Faults in the codes, scale words and zero points of one output of a stored-scale format
+        (``qfi.space.fault_stored``); q is our fresh quantized copy (or the module's own output
+        quantized in place), written in place."""
+        fault, fmt = self._fault, self.format
+        shape = tuple(q.shape)
+        if self._per_output:
+            space = FaultSpace(self.names[i : i + 1], [shape], fmt)
+            sites, _ = space.part_sites(fault, self._g, self._part)
+        else:
+            sites = self._plan.pop(i, {})
+        n_sites = sum(w.numel() for w, _ in sites.values())
+        if not n_sites:
+            return q
+        value = fault.value if isinstance(fault, StuckAt) else None
+        flat = q.reshape(-1)
+        elems, newv, rows = fault_stored(fmt, flat, shape, qp, sites, value)
+        call, width = self._call, self._space1.width
+        offset = {p: k * len(self.names) for k, p in enumerate(self._space1.parts)}
+
+        def build() -> dict[str, Tensor]:  # read back from the device when the log is read
+            chunks = []
+            for p, (w, b, inv, old, new, oldv, newv_p) in rows.items():
+                cols = log_rows(w, b, inv, old, new, oldv, newv_p, value, (1 << width[p]) - 1, call)
+                cols["name_id"] = torch.full_like(cols["index"], offset[p] + i)
+                chunks.append(cols)
+            return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+
+        self.log.extend(build, n_sites, rows=n_sites if value is None else None)
+        return flat.index_copy_(0, elems.to(flat.device), newv.to(flat.dtype)).view_as(q)
+
+
 def _some(names: list[str], k: int = 5) -> str:
     """Up to ``k`` names for a message, and how many more."""
     more = f" and {len(names) - k} more" if len(names) > k else ""
@@ -454,10 +511,12 @@ def activations(
     calibrate: Iterable | None = None,
     dynamic: bool = False,
     output: str | int | None = None,
+    part: str = "all",
 ) -> ActivationSession:
     """A context manager quantizing (and, when armed, faulting) selected module outputs; ``output``
-    chooses the tensor of each output that carries faults (see ``ActivationSession``)."""
-    return ActivationSession(model, fmt, names, exclude, calibrate, dynamic, output)
+    chooses the tensor of each output that carries faults, ``part`` the stored words of a block or
+    group format that faults hit (see ``ActivationSession``)."""
+    return ActivationSession(model, fmt, names, exclude, calibrate, dynamic, output, part)
 
 
 __all__ = ["ActivationSession", "activations"]

@@ -33,7 +33,7 @@ from qfi.config import CampaignConfig, parse_bits
 from qfi.errors import Interrupted, NonFiniteBaseline, OutputFolderBusy, QfiError
 from qfi.evaluate import EvalResult, Evaluator
 from qfi.results import detail_columns, metric_columns_of, summarize, write_tables
-from quant_schemes import get_format
+from quant_schemes import get_format, part_bit_names, part_bits
 
 log = logging.getLogger("qfi")
 
@@ -95,6 +95,12 @@ def resolve_device(spec: str) -> torch.device:
     return dev
 
 
+def bit_part(cfg: CampaignConfig) -> str:
+    """The stored part whose bit positions a per-bit sweep numbers: ``codes`` unless ``part``
+    names another (``all`` on a format with several parts is refused by the config)."""
+    return "codes" if cfg.part == "all" else cfg.part
+
+
 def trial_seed(campaign_seed: int, key: tuple[str, ...]) -> int:
     """A 63-bit seed from the campaign seed and the trial key (stable across runs and machines)."""
     h = hashlib.sha256(("|".join((str(campaign_seed),) + key)).encode()).digest()
@@ -107,7 +113,7 @@ def plan(cfg: CampaignConfig) -> list[Trial]:
     for fmt_name in cfg.formats:
         fmt = get_format(fmt_name)
         for names in cfg.names:
-            for bit in dict.fromkeys(parse_bits(cfg.bits, fmt.bits)):
+            for bit in dict.fromkeys(parse_bits(cfg.bits, part_bits(fmt, bit_part(cfg)))):
                 conds = [("ber", p, 0) for p in cfg.ber] + [("flips", 0.0, n) for n in cfg.flips]
                 for fault, ber, count in conds:
                     for rep in range(cfg.max_reps):
@@ -434,7 +440,9 @@ def _format_session(
 ) -> Iterator[Any]:
     include, exclude = _filters(cfg, names)
     if cfg.target == "weights":
-        with qfi.weights(model, fmt_name, names=include, exclude=exclude, bn_stats=cfg.bn_stats) as s:
+        with qfi.weights(
+            model, fmt_name, names=include, exclude=exclude, bn_stats=cfg.bn_stats, part=cfg.part
+        ) as s:
             yield s
     else:
         with qfi.activations(
@@ -445,6 +453,7 @@ def _format_session(
             calibrate=calib,
             dynamic=cfg.dynamic,
             output=cfg.output_key,
+            part=cfg.part,
         ) as s:
             yield s
 
@@ -1022,7 +1031,7 @@ def _run_locked(
     nan = {c: ["nan"] for c in columns if c not in _TEXT_COLUMNS}
     detail_df = pd.read_csv(detail_path, keep_default_na=False, na_values=nan)
     summary = summarize(detail_df, metric)
-    write_tables(detail_df, summary, out, plots=plots, metric=metric)
+    write_tables(detail_df, summary, out, plots=plots, metric=metric, part=bit_part(cfg))
     seconds = time.perf_counter() - t0
     evaluations = evaluator.calls - evals_before + extra_evaluations
     return CampaignResult(out, detail_df, summary, len(todo), resumed, evaluations, seconds, metric)
@@ -1178,7 +1187,7 @@ def _row(
         "ber": t.ber,
         "count": t.count,
         "bit": t.bit,
-        "bit_name": "any" if t.bit < 0 else fmt.bit_names[t.bit],
+        "bit_name": "any" if t.bit < 0 else part_bit_names(fmt, bit_part(cfg))[t.bit],
         "rep": t.rep,
         "seed": t.seed,
         "flips": flips,

@@ -26,6 +26,7 @@ os.environ.setdefault(
 from qfi import layers_cli  # noqa: E402 - after the OMP setting above
 
 MAIN_FORMATS = "fp32,fp16,bf16,q3.13,int8"
+MAIN_BLOCK_FORMATS = "mxfp8_e4m3,mxfp4,nvfp4,int4_g128_fp16"
 
 EXIT_CODES = """exit status:
   0    success
@@ -212,6 +213,12 @@ def _faults(p: argparse.ArgumentParser, ber: str, bits: str) -> None:
         "--dynamic", action="store_true", help="activations: scale per forward instead of calibrated"
     )
     p.add_argument(
+        "--part",
+        default="all",
+        help="block/group formats: the stored words faults hit: all (default: every stored bit), "
+        "codes, scales, zero_points; per-bit sweeps name one",
+    )
+    p.add_argument(
         "--output-key",
         default=None,
         metavar="KEY",
@@ -317,6 +324,7 @@ def _config(a: argparse.Namespace, formats: str) -> Any:
         ber=ber,
         flips=a.flips or (),
         bits=a.bits,
+        part=a.part,
         names=tuple(a.names) if a.names else ("",),
         exclude=a.exclude,
         reps=a.reps,
@@ -429,8 +437,14 @@ def cmd_main(a: argparse.Namespace) -> int:
         # per-bit BER 1e-3: ~59 flips of one bit position per trial over the 58.6k weights, enough
         # for one exponent-MSB hit to be near-certain and for harmless bits to show as harmless
         CampaignConfig(bits="all", ber=1e-3, out=os.path.join(a.out, "bits"), **run),
-        # every bit may flip: 1e-7 (~0.2 flips per fp32 trial, mostly clean) .. 1e-3 (~1.9k flips)
-        CampaignConfig(bits="none", ber="1e-7:1e-3", out=os.path.join(a.out, "formats"), **run),
+        # every stored bit may flip: 1e-7 (~0.2 flips per fp32 trial) .. 1e-3 (~1.9k flips); the
+        # 2026 block formats beside the classic ones (scales included in the fault space)
+        CampaignConfig(
+            bits="none",
+            ber="1e-7:1e-3",
+            out=os.path.join(a.out, "formats"),
+            **{**run, "formats": MAIN_FORMATS + "," + MAIN_BLOCK_FORMATS},
+        ),
     ]
     for cfg in jobs:
         print(

@@ -152,6 +152,9 @@ class CampaignConfig:
     ``executor="ray"`` runs the trials on ``workers`` Ray actors (a local Ray instance, or the
     cluster at ``address``), each with ``threads`` CPU threads (and one GPU where there are
     GPUs); the rows are the same as with the default ``local`` executor.
+    ``part`` chooses the stored words faults hit in formats that store more than codes (block and
+    group formats: ``codes``, ``scales``, ``zero_points``; default ``all``: every stored bit at
+    one BER, as a memory sees them); per-bit sweeps of such formats name one part.
     ``bn_stats`` adds the running statistics of BatchNorm layers to the selectable weights (left
     out by default: quantized hardware folds them into the convolutions; see ``qfi.qerror``).
     ``output_key`` chooses which floating tensor of a module output carries the faults (a key of a
@@ -191,6 +194,7 @@ class CampaignConfig:
     ber: tuple[float, ...] = (1e-6,)
     flips: tuple[int, ...] = ()
     bits: str = "none"
+    part: str = "all"
     names: tuple[str, ...] = ("",)
     exclude: str = ""
     reps: int = 10
@@ -262,13 +266,27 @@ class CampaignConfig:
             raise QfiError(f"unknown target {self.target!r}; allowed: {', '.join(TARGETS)}")
         if not self.formats:
             raise QfiError("no format given; e.g. formats: [fp32, fp16, bf16, q3.13, int8]")
+        from quant_schemes import part_bits, stored_parts
+
+        parts = ("all", "codes", "scales", "zero_points")
+        if self.part not in parts:
+            raise QfiError(f"part {self.part!r}; allowed: {', '.join(parts)} (which stored words faults hit)")
         canonical = []
         for name in self.formats:
             try:
                 fmt = get_format(str(name))
             except FormatError as e:
                 raise QfiError(str(e)) from None
-            parse_bits(self.bits, fmt.bits)
+            has = stored_parts(fmt)
+            if self.part not in ("all", "codes") and self.part not in has:
+                raise QfiError(f"format {fmt.name!r} stores no {self.part}; its parts are {', '.join(has)}")
+            per_bit = str(self.bits).strip().lower() not in ("none", "any", "")
+            if self.part == "all" and len(has) > 1 and per_bit:
+                raise QfiError(
+                    f"a per-bit sweep of {fmt.name!r} needs part 'codes' or 'scales' (--part): a bit number "
+                    "names a position in one kind of stored word"
+                )
+            parse_bits(self.bits, part_bits(fmt, "codes" if self.part == "all" else self.part))
             canonical.append(fmt.name)
         set_("formats", _unique(canonical))
         for p in self.ber:

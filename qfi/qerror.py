@@ -116,6 +116,8 @@ def _kind(model: nn.Module, name: str) -> tuple[str, str]:
 
 def _saturated(fmt, x: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, float]:
     """Boolean mask of the finite values ``x`` beyond the format's range, and the format's limit."""
+    if hasattr(fmt, "saturated"):  # block and group formats know their own ranges
+        return fmt.saturated(x, scale)
     if isinstance(fmt, FloatFormat):
         return x.abs() > fmt.max, fmt.max
     if isinstance(fmt, FixedPoint):  # the code encode computes before it clamps

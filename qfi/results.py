@@ -120,7 +120,7 @@ def _view_columns(m: object, condition: tuple[str, ...]) -> list[str]:
 
 
 PER_BIT_COLUMNS = tuple(_view_columns(_metric(None), _CONDITION_BIT))
-PER_FORMAT_COLUMNS = tuple(_view_columns(_metric(None), _CONDITION_ANY))
+PER_FORMAT_COLUMNS = ("format", "bits_per_value", *_view_columns(_metric(None), _CONDITION_ANY)[1:])
 
 
 def _view(summary: pd.DataFrame, m: object, condition: tuple[str, ...]) -> pd.DataFrame:
@@ -143,7 +143,7 @@ def _view(summary: pd.DataFrame, m: object, condition: tuple[str, ...]) -> pd.Da
     return df[cols].reset_index(drop=True)
 
 
-def per_bit_table(summary: pd.DataFrame, metric: object = None) -> pd.DataFrame:
+def per_bit_table(summary: pd.DataFrame, metric: object = None, part: str = "codes") -> pd.DataFrame:
     """One row per per-bit condition (``bit >= 0``) with ``PER_BIT_COLUMNS``: the bit's name and
     role from the format (``bit_names`` / ``bit_roles``), top-1 with CI and its drop from clean
     (``clean_top1 - top1_mean``), SDC, DUE."""
@@ -153,7 +153,9 @@ def per_bit_table(summary: pd.DataFrame, metric: object = None) -> pd.DataFrame:
     rows = summary[summary["bit"] >= 0] if not summary.empty else summary
     if rows.empty:
         return pd.DataFrame(columns=_view_columns(m, _CONDITION_BIT))
-    roles = {f: get_format(f).bit_roles for f in rows["format"].unique()}  # a few formats
+    from quant_schemes import part_bit_roles
+
+    roles = {f: part_bit_roles(get_format(f), part) for f in rows["format"].unique()}  # a few formats
     role = [roles[f][int(b)] for f, b in zip(rows["format"], rows["bit"], strict=True)]
     return _view(rows.assign(bit_role=role), m, _CONDITION_BIT)
 
@@ -161,11 +163,17 @@ def per_bit_table(summary: pd.DataFrame, metric: object = None) -> pd.DataFrame:
 def per_format_table(summary: pd.DataFrame, metric: object = None) -> pd.DataFrame:
     """One row per condition where any bit may flip (``bit < 0``: format comparisons, BER sweeps)
     with ``PER_FORMAT_COLUMNS``: top-1 with CI and its drop from clean, SDC, DUE, mean flips."""
+    from quant_schemes import bits_per_value, get_format
+
     m = _metric(metric)
     rows = summary[summary["bit"] < 0] if not summary.empty else summary
     if rows.empty:
-        return pd.DataFrame(columns=_view_columns(m, _CONDITION_ANY))
-    return _view(rows, m, _CONDITION_ANY)
+        cols = _view_columns(m, _CONDITION_ANY)
+        return pd.DataFrame(columns=[cols[0], "bits_per_value", *cols[1:]])
+    view = _view(rows, m, _CONDITION_ANY)
+    bpv = {f: bits_per_value(get_format(f)) for f in view["format"].unique()}
+    view.insert(1, "bits_per_value", view["format"].map(bpv))  # equal-memory comparisons
+    return view
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> Path:
@@ -177,14 +185,19 @@ def _write_csv(df: pd.DataFrame, path: Path) -> Path:
 
 
 def write_tables(
-    detail: pd.DataFrame, summary: pd.DataFrame, out: Path, plots: bool = True, metric: object = None
+    detail: pd.DataFrame,
+    summary: pd.DataFrame,
+    out: Path,
+    plots: bool = True,
+    metric: object = None,
+    part: str = "codes",
 ) -> list[Path]:
     """Write summary/per-bit/per-format CSVs (and PNG plots) next to ``detail.csv``; a view with
     no rows is not written."""
     out = Path(out)
     m = _metric(metric)
     written = [_write_csv(summary, out / "summary.csv")]
-    per_bit, per_any = per_bit_table(summary, m), per_format_table(summary, m)
+    per_bit, per_any = per_bit_table(summary, m, part), per_format_table(summary, m)
     if not per_bit.empty:
         written.append(_write_csv(per_bit, out / "per_bit.csv"))
     if not per_any.empty:

@@ -19,6 +19,17 @@ A non-contiguous tensor then works on a contiguous copy and gets its original st
 Sessions on the same tensor cannot nest (QfiError); an interrupted ``apply`` restores the
 words it wrote before the exception propagates.
 
+Stored scales.  For a format that stores its scales (MX, NVFP4, ``int4_g128``, ``uint8_asym``,
+``int8_fp32``: ``quant_schemes.stored_parts``) the session keeps each tensor's clean QParams
+(the scale words, zero points and NVFP4's tensor scale) and the fault space has a part per
+kind of stored word (``qfi.space``).  ``part=`` chooses what faults hit: ``"all"`` (default:
+every stored bit at one BER, what a memory sees), ``"codes"``, ``"scales"`` or
+``"zero_points"``; ``apply`` / ``inject`` take ``part=`` for one fault.  A flipped scale or
+zero-point bit re-decodes every element of its group (16 or 32 values of a block, a row group,
+a whole tensor for a per-tensor scale) from the faulty word, together with any code flips of the
+same fault; the scale words themselves are never written (they live in the session), so undo
+and exit restore bit-exactly by restoring the element words.
+
 Tied weights (one stored tensor under several names: GPT-2's ``lm_head.weight`` is
 ``transformer.wte.weight``) are one entry of the index space, under their first name, so each
 stored bit can flip once; a site or log may name any alias.  Distinct Parameter objects viewing
@@ -33,6 +44,7 @@ import os
 import weakref
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -40,7 +52,7 @@ from qfi.errors import QfiError
 from qfi.faults import apply_mask, make_generator, odd_sites, word_masks
 from qfi.log import FaultLog
 from qfi.select import select_weights, weight_table
-from qfi.space import FaultSpace, get_fmt
+from qfi.space import SUFFIX, UNIT, FaultSpace, check_part, get_fmt
 
 _INT_VIEW = {
     torch.float32: torch.int32,
@@ -97,9 +109,11 @@ class WeightSession:
         exclude: object = None,
         flat: bool = True,
         bn_stats: bool = False,
+        part: str = "all",
     ) -> None:
         self.model, self.format, self.flat = model, get_fmt(fmt), flat
         self._filter, self.bn_stats = (names, exclude), bn_stats
+        self.part = check_part(part)
         self._active = False
         self._pending: list[tuple[Tensor, Tensor, Tensor]] | None = None
         self._aliases: list[tuple[Tensor, Tensor, Tensor]] = []  # (alias object, its own data, owner)
@@ -129,14 +143,19 @@ class WeightSession:
                     "same tensors cannot nest: exit the other session first or select other names"
                 )
         self.space = FaultSpace(self.names, [tuple(t.shape) for t in ts], fmt)
+        self.space.select_parts(self.part)  # a part the format does not store: refused before any change
         # tied weights: every other name of a selected tensor resolves to it (FlipSites, replay)
         for n in self.names:
             for alias, _ in table[n][1:]:
                 self.space.pos.setdefault(alias, self.space.pos[n])
         self.numel = self.space.numel
-        self.total_bits = self.numel * fmt.bits
+        #: stored bits faults under the session's part may hit (codes only: numel * bits)
+        self.total_bits = self.space.total_bits(self.part)
+        self._stored = len(self.space.parts) > 1
         self._tensors = ts
         self._scales = [None] * len(ts)
+        self._qp: list = [None] * len(ts)
+        self._codes: list = [None] * len(ts)  # stored formats: clean element codes (uint8/int16)
         self._orig: list[Tensor] = []
         self._kept: dict[int, Tensor] = {}
         self._swapped: list[tuple[Tensor, Tensor]] = []
@@ -205,6 +224,8 @@ class WeightSession:
         ]
         for a, _, t in self._aliases:
             a.data = t.data
+        if self._stored:
+            self._build_stored_tables()
         me = weakref.ref(self)
         for t in ts:
             _LIVE[id(t)] = (weakref.ref(t), f"{self.format.name}, {len(ts)} tensor(s)", me)
@@ -214,8 +235,14 @@ class WeightSession:
     def _quantize(self, i: int, t: Tensor) -> Tensor:
         x = t.detach().float()
         scale = self.format.choose_qparams(x)
-        self._scales[i] = scale
-        q = self.format.quantize(x, scale)
+        if self._stored:  # QParams (the stored scale words) and the clean codes, kept for the session
+            self._qp[i] = scale
+            enc = self.format.encode(x, scale)
+            self._codes[i] = enc.qdata.reshape(-1).to(torch.uint8 if self.format.bits <= 8 else torch.int16)
+            q = self.format.decode(enc)
+        else:
+            self._scales[i] = scale
+            q = self.format.quantize(x, scale)
         if t.dtype != torch.float32 and not torch.equal(q.to(t.dtype).float(), q):
             raise QfiError(
                 f"{self.names[i]!r} is {t.dtype}, which cannot hold {self.format.name} values "
@@ -269,52 +296,81 @@ class WeightSession:
         if self._pending is not None:
             raise QfiError("a fault is already applied; call undo() first (or use session.inject)")
 
-    def apply(self, fault, generator: torch.Generator | None = None, seed: int | None = None) -> FaultLog:
-        """Apply ``fault`` once, in place; returns its FaultLog.  Cost O(flips).  If anything
-        goes wrong part-way (an error, a KeyboardInterrupt), the words written so far are
-        restored before the exception propagates."""
+    def apply(
+        self,
+        fault,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        part: str | None = None,
+    ) -> FaultLog:
+        """Apply ``fault`` once, in place; returns its FaultLog.  Cost O(flips) (plus the members
+        of each hit scale word).  ``part`` overrides the session's part for this fault.  If
+        anything goes wrong part-way (an error, a KeyboardInterrupt), the words written so far
+        are restored before the exception propagates."""
         self._check()
-        elem, bit, value = self.space.sites(fault, make_generator(generator, seed))
-        return self._apply_sites(elem, bit, value)
+        g = make_generator(generator, seed)
+        sites, value = self.space.part_sites(fault, g, self.part if part is None else check_part(part))
+        if not self._stored:
+            elem, bit = sites.get("codes", (torch.empty(0, dtype=torch.int64),) * 2)
+            return self._apply_sites(elem, bit, value)
+        return self._apply_stored(sites, value)
 
     def replay(self, log: FaultLog) -> FaultLog:
         """Re-apply the bits of a saved log (same words, same codes as when it was made).
 
         QfiError, with nothing changed, when the log cannot belong to this session: another
         format, a name not selected, an index or bit out of range, or clean codes that differ
-        from the log's ``old_code`` (another checkpoint, or another scale).
+        from the log's ``old_code`` (another checkpoint, or another scale).  Rows of scale words
+        (``<tensor>:scale``) and zero points replay as such, whatever the session's part.
         """
         self._check()
-        fmt, pos = self.format, self.space.pos
+        fmt, space = self.format, self.space
         if log.format and log.format != fmt.name:
             raise QfiError(f"the log was made in format {log.format!r}; this session uses {fmt.name!r}")
-        missing = [n for n in log.names if n not in pos]
-        if missing:
-            raise QfiError(f"log names {missing[0]!r}, which this session did not select")
+        where = []
+        for n in log.names:
+            try:
+                where.append(space.resolve(n))
+            except QfiError:
+                raise QfiError(f"log names {n!r}, which this session did not select") from None
         cols = log.columns
-        remap = torch.tensor([pos[n] for n in log.names] or [0], dtype=torch.int64)
-        tid = remap.index_select(0, cols["name_id"])
-        index, bits = cols["index"], cols["bit"]
-        sizes = torch.tensor(self.space.sizes, dtype=torch.int64).index_select(0, tid)
-        bad = ((index < 0) | (index >= sizes)).nonzero().flatten()
-        if bad.numel():
-            r = int(bad[0])
-            raise QfiError(
-                f"log row {r}: index {int(index[r])} is outside {self.names[int(tid[r])]!r} "
-                f"({int(sizes[r])} elements)"
-            )
-        bad = ((bits < 0) | (bits >= fmt.bits)).nonzero().flatten()
-        if bad.numel():
-            b = int(bits[int(bad[0])])
-            raise QfiError(f"log bit {b} is outside format {fmt.name!r}, whose bits are 0..{fmt.bits - 1}")
-        elem = self.space._starts_t.index_select(0, tid) + index
-        e, b = odd_sites(elem, bits, parity=True)
-        out = self._apply_sites(e, b, None)
+        tids = torch.tensor([t for t, _ in where] or [0], dtype=torch.int64)
+        part_of = [p for _, p in where] or ["codes"]
+        lids = torch.tensor([t + space.part_offset[p] for t, p in where] or [0], dtype=torch.int64)
+        row_part = torch.tensor([space.parts.index(p) for p in part_of], dtype=torch.int64)
+        name_id, index, bits = cols["name_id"], cols["index"], cols["bit"]
+        tid, rp = tids.index_select(0, name_id), row_part.index_select(0, name_id)
+        sites: dict[str, tuple[Tensor, Tensor]] = {}
+        for k, p in enumerate(space.parts):
+            sel = (rp == k).nonzero().flatten()
+            if not sel.numel():
+                continue
+            t, i, b = tid.index_select(0, sel), index.index_select(0, sel), bits.index_select(0, sel)
+            sizes = torch.tensor(space.words[p], dtype=torch.int64).index_select(0, t)
+            bad = ((i < 0) | (i >= sizes)).nonzero().flatten()
+            if bad.numel():
+                r = int(sel[int(bad[0])])
+                raise QfiError(
+                    f"log row {r}: index {int(index[r])} is outside {log.names[int(name_id[r])]!r} "
+                    f"({int(sizes[int(bad[0])])} {UNIT[p]})"
+                )
+            w = space.width[p]
+            bad = ((b < 0) | (b >= w)).nonzero().flatten()
+            if bad.numel():
+                bb = int(b[int(bad[0])])
+                label = fmt.name if p == "codes" else fmt.name + SUFFIX[p]
+                raise QfiError(f"log bit {bb} is outside format {label!r}, whose bits are 0..{w - 1}")
+            words = space._wstarts_t[p].index_select(0, t) + i
+            sites[p] = odd_sites(words, b, parity=True)
+        if self._stored:
+            out = self._apply_stored(sites, None)
+        else:
+            empty = torch.empty(0, dtype=torch.int64)
+            out = self._apply_sites(*sites.get("codes", (empty, empty)), None)
         # the words must hold the clean codes the log saw, else the replay is another fault
-        key = elem * 64 + bits
+        key = (lids.index_select(0, name_id) << 37) + index * 64 + bits
         got = out.columns
-        got_key = self.space._starts_t.index_select(0, got["name_id"]) + got["index"]
-        got_key = got_key * 64 + got["bit"]
+        got_key = (got["name_id"] << 37) + got["index"] * 64 + got["bit"]
         order, got_order = key.argsort(), got_key.argsort()
         if torch.equal(key[order], got_key[got_order]):
             want, have = cols["old_code"][order], got["old_code"][got_order]
@@ -323,7 +379,7 @@ class WeightSession:
                 r, d = int(order[int(diff[0])]), int(diff[0])
                 self.undo()
                 raise QfiError(
-                    f"log row {r} ({self.names[int(tid[r])]!r}[{int(index[r])}]): the log's old_code "
+                    f"log row {r} ({log.names[int(name_id[r])]!r}[{int(index[r])}]): the log's old_code "
                     f"{int(want[d]):#x} differs from this session's clean code {int(have[d]):#x}; "
                     "was the log made on another checkpoint, format or calibration?"
                 )
@@ -408,27 +464,245 @@ class WeightSession:
 
     @contextlib.contextmanager
     def inject(
-        self, fault, generator: torch.Generator | None = None, seed: int | None = None
+        self,
+        fault,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        part: str | None = None,
     ) -> Iterator[FaultLog]:
         """Apply on enter (yields the FaultLog), undo on exit, also on exceptions."""
-        log = self.apply(fault, generator=generator, seed=seed)
+        log = self.apply(fault, generator=generator, seed=seed, part=part)
         try:
             yield log
         finally:
             self.undo()
 
     def clean_codes(self, name: str):
-        """``fmt.encode`` of the clean (quantized) tensor ``name`` with its scale."""
+        """``fmt.encode`` of the clean (quantized) tensor ``name`` with its scale (an Encoded with
+        the stored scale words, zero points and tensor scale where the format stores them)."""
         if not self._active or self._pending is not None:
             raise QfiError("clean_codes needs an entered session with no fault applied")
         if name not in self.space.pos:
             raise QfiError(f"{name!r} is not selected in this session")
         i = self.space.pos[name]
-        return self.format.encode(self._tensors[i].detach().float(), self._scales[i])
+        scale = self._qp[i] if self._stored else self._scales[i]
+        return self.format.encode(self._tensors[i].detach().float(), scale)
+
+    # -- stored scales ---------------------------------------------------------------------------------
+    def _build_stored_tables(self) -> None:
+        """Flat CPU copies (numpy views) of every tensor's stored words (scale codes, decoded scales,
+        zero points, tensor scales) and per-tensor geometry, so that a trial maps elements to scale
+        words and scale words to their elements with a few vectorised numpy ops (numpy: a small
+        fraction of torch's per-op overhead at the sizes of a trial)."""
+        from quant_schemes import PerChannel, PerGroup
+
+        fmt, qps = self.format, self._qp
+        self._sc_flat = torch.cat([q.scale_codes.reshape(-1).cpu() for q in qps]).to(torch.int32)
+        self._s_flat = torch.cat([q.scale.reshape(-1).cpu() for q in qps]).float()
+        zps = [q.zero_point for q in qps]
+        self._zp_flat = (
+            None if zps[0] is None else torch.cat([z.reshape(-1).cpu() for z in zps]).to(torch.int32)
+        )
+        ts = [q.tensor_scale for q in qps]
+        self._ts_t = None if ts[0] is None else torch.stack([t.reshape(()).float().cpu() for t in ts])
+        g = fmt.granularity
+        # element -> scale word: ((idx // a) % b) * m + (idx % e) // gs ; scale word -> run of elements
+        rows = []
+        for shape in self.space.shapes:
+            n_el = max(int(torch.Size(shape).numel()), 1)
+            if isinstance(g, PerChannel):
+                inner = int(torch.Size(shape[g.axis + 1 :]).numel()) if shape else 1
+                rows.append((max(inner, 1), max(shape[g.axis], 1), 1, 1, 1, 1, 1, 1))
+            elif isinstance(g, PerGroup):
+                n = max(shape[-1] if shape else 1, 1)
+                ng = -(-n // g.size)
+                rows.append((n, 2**62, ng, n, g.size, n, ng, g.size))
+            else:  # per tensor: one run of every element
+                rows.append((1, 1, 0, 1, 1, n_el, 1, n_el))
+        self._geo = np.array(rows, dtype=np.int64).T.copy()  # (8, tensors)
+        self._per_channel = isinstance(g, PerChannel)
+        # groups of a power-of-two size on tensors whose rows hold whole groups: word = elem >> k
+        size = g.size if isinstance(g, PerGroup) else 0
+        self._shift = size.bit_length() - 1 if size and size & (size - 1) == 0 else None
+        self._ragged = np.array([not isinstance(g, PerGroup) or (s[-1] if s else 1) % g.size != 0
+                                 for s in self.space.shapes])
+        self._np_starts = self.space._starts_t.numpy()
+        self._np_ends = self.space._ends_t.numpy()
+        self._np_wstarts = self.space._wstarts_t["scales"].numpy()
+        self._np_wends = self.space._wends_t["scales"].numpy()
+        # the clean element codes, laid out like the segments (one flat tensor, or one per tensor)
+        if len(self._segments) == 1:
+            self._code_segs = [torch.cat(self._codes).to(self._segments[0][1].device)]
+        else:
+            segs = zip(self._codes, self._segments, strict=True)
+            self._code_segs = [c.to(buf.device) for c, (_, buf) in segs]
+        self._codes = []
+
+    def _scale_words(self, tid: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """Global scale word of each element (tensor id, flat index)."""
+        if self._shift is not None:  # whole power-of-two groups per row: one shift, ragged rows apart
+            local = idx >> self._shift
+            rag = self._ragged[tid]
+            if rag.any():
+                t, i = tid[rag], idx[rag]
+                a, b, m, e, gs = self._geo[:5, t]
+                local[rag] = (i // a % b) * m + (i % e) // gs
+            return self._np_wstarts[tid] + local
+        a, b, m, e, gs = self._geo[:5, tid]
+        return self._np_wstarts[tid] + (idx // a % b) * m + (idx % e) // gs
+
+    def _members(self, words: np.ndarray) -> np.ndarray:
+        """Global elements governed by the sorted distinct global scale ``words`` (sorted)."""
+        if words.size == 0:
+            return words
+        tid = np.searchsorted(self._np_wends, words, side="right")
+        w = words - self._np_wstarts[tid]
+        if self._per_channel:  # channels are strided: one call per hit tensor (rare and small)
+            parts = []
+            for i in np.unique(tid).tolist():
+                el, _ = self.format.scale_members(self.space.shapes[i], torch.from_numpy(w[tid == i]))
+                parts.append(el.numpy() + self._np_starts[i])
+            return np.sort(np.concatenate(parts))
+        n, ng, gsz = self._geo[5:, tid]
+        grp = w % ng
+        start = self._np_starts[tid] + (w // ng) * n + grp * gsz
+        count = np.minimum(gsz, n - grp * gsz)
+        widest = int(count.max())
+        if widest <= 4096:  # blocks and groups: a (words, widest) grid, masked
+            j = np.arange(widest, dtype=np.int64)
+            return (start[:, None] + j)[j < count[:, None]]
+        first = np.cumsum(count) - count  # a per-tensor scale: runs of a whole tensor
+        return np.repeat(start - first, count) + np.arange(int(count.sum()), dtype=np.int64)
+
+    def _apply_stored(self, sites: dict, value: int | None) -> FaultLog:
+        """Faults in the codes, scale words and zero points of a stored-scale format: every element
+        whose code flipped or whose scale / zero point flipped is re-encoded with its clean
+        parameters and decoded from the (faulty) words; one undo entry per written element word.
+        Index maths in numpy on the CPU, value maths in torch on the weights' device."""
+        from quant_schemes import QParams
+
+        fmt, space = self.format, self.space
+        empty = torch.empty(0, dtype=torch.int64)
+        ce, cb = sites.get("codes", (empty, empty))
+        se, sb = sites.get("scales", (empty, empty))
+        ze, zb = sites.get("zero_points", (empty, empty))
+        cw, cinv, cmask = word_masks(ce, cb)
+        sw, sinv, smask = word_masks(se, sb) if se.numel() else (se, None, se.to(torch.int32))
+        zw, zinv, zmask = word_masks(ze, zb) if ze.numel() else (ze, None, ze.to(torch.int32))
+        cw_n, sw_n, zw_n = cw.numpy(), sw.numpy(), zw.numpy()
+        # faulty scale / zero-point words (global scale-word ids; a zero point shares its scale's id)
+        old_sc = self._sc_flat.index_select(0, sw)
+        new_sc = apply_mask(old_sc, smask, value)
+        old_zp = None if self._zp_flat is None else self._zp_flat.index_select(0, zw)
+        new_zp = None if old_zp is None else apply_mask(old_zp, zmask, value)
+        hit = _sorted_union(sw_n, zw_n) if zw_n.size else sw_n
+        if hit.size:
+            elems = _sorted_union(cw_n, self._members(hit))
+            cpos = np.searchsorted(elems, cw_n)
+            emask_n = np.zeros(elems.size, dtype=np.int32)
+            emask_n[cpos] = cmask.numpy()
+            emask = torch.from_numpy(emask_n)
+        else:  # codes only: the elements are the code words
+            elems, cpos, emask = cw_n, None, cmask
+        tid = np.searchsorted(self._np_ends, elems, side="right")
+        swe = self._scale_words(tid, elems - self._np_starts[tid])
+        swe_t = torch.from_numpy(swe)
+        # decode_elements reads the scale (and zero point) of each element: the clean codes are kept
+        clean = QParams(self._s_flat.index_select(0, swe_t), self._sc_flat.index_select(0, swe_t),
+                        None if self._zp_flat is None else self._zp_flat.index_select(0, swe_t))
+        faulty = clean
+        new_s = None
+        if sw_n.size:  # the faulty scales of the hit words, then of their elements
+            wtid = space.locate_part(sw, "scales")[0]
+            new_s = fmt.decode_scale(new_sc, None if self._ts_t is None else self._ts_t.index_select(0, wtid))
+            new_s = new_s.float()
+            j = np.minimum(np.searchsorted(sw_n, swe), sw_n.size - 1)
+            is_hit = torch.from_numpy(sw_n[j] == swe)
+            scale = torch.where(is_hit, new_s.index_select(0, torch.from_numpy(j)), clean.scale)
+            faulty = faulty.replace(scale=scale)
+        if zw_n.size:
+            j = np.minimum(np.searchsorted(zw_n, swe), zw_n.size - 1)
+            is_hit = torch.from_numpy(zw_n[j] == swe)
+            zp = torch.where(is_hit, new_zp.index_select(0, torch.from_numpy(j)), clean.zero_point)
+            faulty = faulty.replace(zero_point=zp)
+        elems_t = torch.from_numpy(elems)
+        single = len(self._segments) == 1
+        bounds = [0, elems.size] if single else np.searchsorted(elems, self._seg_starts.numpy()).tolist() + [
+            elems.size]
+        olds, news, oldvs, newvs = [], [], [], []
+        undo: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._pending = undo
+        try:
+            with torch.no_grad():
+                for k, (start, buf) in enumerate(self._segments):
+                    a, b = bounds[k], bounds[k + 1]
+                    if a == b:
+                        continue
+                    dev = buf.device
+                    whole = a == 0 and b == elems.size
+                    w = elems_t if whole else elems_t[a:b]
+                    idx_d = (w - start if start else w).to(dev)
+                    ints = buf.view(_INT_VIEW[buf.dtype])
+                    raw = ints.index_select(0, idx_d)
+                    undo.append((ints, idx_d, raw))
+                    oldv = raw.view(buf.dtype).float()
+                    qf = faulty if whole and dev.type == "cpu" else _slice_qp(faulty, slice(a, b), dev)
+                    old = self._code_segs[k].index_select(0, idx_d).to(torch.int32)
+                    if fmt.bits > 8:  # int16 storage of unsigned patterns
+                        old &= self.space.code_mask
+                    new = apply_mask(old, (emask if whole else emask[a:b]).to(dev), value)
+                    newv = fmt.decode_elements(new, qf)
+                    buf.index_copy_(0, idx_d, newv.to(buf.dtype))
+                    olds.append(old)
+                    news.append(new)
+                    oldvs.append(oldv)
+                    newvs.append(newv)
+            def cat(xs: list[Tensor]) -> Tensor:
+                return xs[0].cpu() if len(xs) == 1 else torch.cat([x.cpu() for x in xs])
+
+            rows = {}
+            if ce.numel():
+                old_all, new_all, oldv_all, newv_all = (cat(xs) for xs in (olds, news, oldvs, newvs))
+                if cpos is not None:
+                    cp = torch.from_numpy(cpos)
+                    old_all, new_all, oldv_all, newv_all = (
+                        x.index_select(0, cp) for x in (old_all, new_all, oldv_all, newv_all))
+                rows["codes"] = (ce, cb, cinv, old_all, new_all, oldv_all, newv_all)
+            if se.numel():
+                rows["scales"] = (se, sb, sinv, old_sc, new_sc, self._s_flat.index_select(0, sw), new_s)
+            if ze.numel():
+                rows["zero_points"] = (ze, zb, zinv, old_zp, new_zp, old_zp.float(), new_zp.float())
+            n_sites = ce.numel() + se.numel() + ze.numel()
+            return space.make_parts_log(rows, value, n_sites)
+        except BaseException:
+            self.undo()
+            raise
 
     def tensor(self, name: str) -> Tensor:
         """The live selected tensor ``name`` (a view of the session's buffer when ``flat``)."""
         return self._tensors[self.space.pos[name]]
+
+
+def _sorted_union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of two int64 arrays (cheaper than np.union1d's hash at these sizes)."""
+    c = np.concatenate([a, b])
+    c.sort()
+    if c.size < 2:
+        return c
+    keep = np.empty(c.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(c[1:], c[:-1], out=keep[1:])
+    return c[keep]
+
+
+def _slice_qp(qp, sl: slice, device: torch.device):
+    """Per-element QParams rows ``sl`` on ``device`` (the tensor scale is per element too)."""
+    from quant_schemes import QParams
+
+    def cut(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t[sl].to(device)
+
+    return QParams(cut(qp.scale), cut(qp.scale_codes), cut(qp.zero_point), cut(qp.tensor_scale))
 
 
 def weights(
@@ -438,10 +712,13 @@ def weights(
     exclude: object = None,
     flat: bool = True,
     bn_stats: bool = False,
+    part: str = "all",
 ) -> WeightSession:
     """A context manager for weight faults on the selected tensors; see ``WeightSession``.
-    BatchNorm running statistics are selectable only with ``bn_stats=True``."""
-    return WeightSession(model, fmt, names, exclude, flat, bn_stats)
+    BatchNorm running statistics are selectable only with ``bn_stats=True``; ``part`` chooses
+    which stored words of a format with stored scales faults hit (``"all"``, ``"codes"``,
+    ``"scales"``, ``"zero_points"``; see ``qfi.space``)."""
+    return WeightSession(model, fmt, names, exclude, flat, bn_stats, part)
 
 
 __all__ = ["WeightSession", "weights"]

@@ -109,8 +109,30 @@ class FixedPoint:
             return codes.to(torch.float32) * self.resolution
         return (codes.to(torch.float64) * self.resolution).to(torch.float32)
 
-    def quantize(self, x: Tensor, scale: Tensor | None = None) -> Tensor:
-        return self.decode(self.encode(x, scale))
+    def quantize(
+        self, x: Tensor, scale: Tensor | None = None, *, out: Tensor | None = None, strict: bool = True
+    ) -> Tensor:
+        """``decode(encode(x))`` without codes; ``out`` (float32 of x's shape, ``x`` itself
+        allowed) receives the result; ``strict=False`` lets NaN through as NaN."""
+        x32 = check_float_tensor(x, self.name).to(torch.float32)
+        if self.bits > 24 or strict:
+            if self.bits > 24 or bool(torch.isnan(x32).any()):
+                q = self.decode(self.encode(x32 if strict else torch.nan_to_num(x32, nan=0.0)))
+                if not strict:
+                    q = torch.where(torch.isnan(x32), x32, q)
+                return q if out is None else out.copy_(q)
+        q = torch.round(x32 * 2.0**self.frac_bits).clamp_(self.code_min, self.code_max).mul_(self.resolution)
+        return q if out is None else out.copy_(q)
+
+    @property
+    def bits_per_value(self) -> float:
+        return float(self.bits)
+
+    def stored_bits(self, shape: tuple[int, ...]) -> int:
+        n = 1
+        for d in shape:
+            n *= int(d)
+        return n * self.bits
 
     def __str__(self) -> str:
         return self.name

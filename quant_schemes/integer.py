@@ -31,29 +31,13 @@ from torch import Tensor
 
 from quant_schemes._bits import check_qdata, field_names, pack_signed, roles_of, signed_codes
 from quant_schemes.base import Encoded, FormatError, check_float_tensor
+from quant_schemes.granularity import Granularity, PerChannel, PerGroup, PerTensor
 
 MIN_BITS, MAX_BITS = 2, 32
 #: smallest scale ``choose_qparams`` returns (smallest normal float32)
 MIN_SCALE = 2.0**-126
 
 
-@dataclass(frozen=True)
-class PerTensor:
-    """One scale for the whole tensor ("per-layer")."""
-
-
-@dataclass(frozen=True)
-class PerChannel:
-    """One scale per slice along ``axis`` (axis 0 = output channels of conv/linear weights)."""
-
-    axis: int = 0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.axis, int) or self.axis < 0:
-            raise FormatError(f"PerChannel: axis must be a non-negative int, got {self.axis!r}")
-
-
-Granularity = PerTensor | PerChannel
 
 
 @dataclass(frozen=True)
@@ -67,9 +51,11 @@ class IntSymmetric:
         if not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
             raise FormatError(f"int{self.bits}: width k={self.bits} is outside {MIN_BITS}..{MAX_BITS}")
         if not isinstance(self.granularity, (PerTensor, PerChannel)):
+            hint = " (groups: IntAffine, e.g. get_format('int4_g128'))" if isinstance(
+                self.granularity, PerGroup) else ""
             raise FormatError(
                 f"int{self.bits}: granularity must be PerTensor() or PerChannel(axis), "
-                f"got {self.granularity!r}"
+                f"got {self.granularity!r}{hint}"
             )
 
     @property
@@ -168,8 +154,48 @@ class IntSymmetric:
             return codes.to(torch.float32) * enc.scale.to(torch.float32)
         return (codes.to(torch.float64) * enc.scale.to(torch.float64)).to(torch.float32)
 
-    def quantize(self, x: Tensor, scale: Tensor | None = None) -> Tensor:
-        return self.decode(self.encode(x, scale))
+    def quantize(
+        self, x: Tensor, scale: Tensor | None = None, *, out: Tensor | None = None, strict: bool = True
+    ) -> Tensor:
+        """``decode(encode(x, scale))`` in three passes, without codes.
+
+        ``out`` (float32 of x's shape; ``x`` itself allowed: in place) receives the result.
+        ``strict=False`` lets NaN through as NaN and saturates +-inf to +-qmax * scale instead of
+        raising (what an activation hook wants)."""
+        x = check_float_tensor(x, self.name)
+        if strict:
+            self._finite_float32(x)  # NaN / inf raise, as encode does
+        if scale is None:
+            x32 = x.to(torch.float32)
+            scale = self._scale_of(x32 if strict else torch.nan_to_num(x32, 0.0, 0.0, 0.0))
+        if self.bits > 24:  # codes beyond float32's integers: through int64 codes
+            q = self.decode(self.encode(x if strict else torch.nan_to_num(x), scale))
+            return q if out is None else out.copy_(q)
+        s = self._check_scale(scale, x)
+        r = torch.reciprocal(s)
+        if out is not None and x.dtype == torch.float32:
+            q = out.mul_(r) if out is x else torch.mul(x, r, out=out)
+            q.round_()
+        else:
+            q = torch.round(x.to(torch.float32) * r)
+            if out is not None:
+                q = out.copy_(q)
+        return q.clamp_(-self.qmax, self.qmax).mul_(s)
+
+    @property
+    def bits_per_value(self) -> float:
+        """Code bits per value; the float32 scale (one per tensor or channel) is amortised."""
+        return float(self.bits)
+
+    def stored_bits(self, shape: tuple[int, ...]) -> int:
+        """Codes plus one float32 scale per tensor / channel (the memory the tensor takes; the
+        scale itself is not in the fault space: ``int8_fp32`` puts it there)."""
+        n = 1
+        for d in shape:
+            n *= int(d)
+        g = self.granularity
+        scales = 1 if isinstance(g, PerTensor) else int(shape[g.axis]) if g.axis < len(shape) else 1
+        return n * self.bits + 32 * scales
 
     def __str__(self) -> str:
         return self.name

@@ -219,8 +219,8 @@ def test_kill_while_writing_the_summary_then_rerun_gives_the_same_bytes(tmp_path
     crash = dataclasses.replace(cfg, out=str(tmp_path / "s"))
     real = campaign.write_tables
 
-    def dying(detail, summary, out, plots=True, metric=None):
-        real(detail, summary, out, plots, metric)
+    def dying(detail, summary, out, plots=True, metric=None, part="codes"):
+        real(detail, summary, out, plots, metric, part)
         (out / "summary.csv.tmp").write_text("format,tar")  # the next write, half done
         raise KeyboardInterrupt
 

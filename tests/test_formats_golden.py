@@ -72,6 +72,42 @@ GOLDEN = [
     ("fp8_e5m2", 61440.0, None, 0x7C),  # tie -> even = inf
     ("fp8_e5m2", -INF, None, 0xFC),
     ("fp8_e5m2", NAN, None, 0x7E),
+    # fp6_e3m2 (OCP FP6 E3M2, bias 3): no inf/NaN, RNE, saturating at 28
+    ("fp6_e3m2", 1.0, None, 0x0C),
+    ("fp6_e3m2", -0.0, None, 0x20),
+    ("fp6_e3m2", 28.0, None, 0x1F),  # max
+    ("fp6_e3m2", -28.0, None, 0x3F),
+    ("fp6_e3m2", 30.0, None, 0x1F),  # beyond max saturates (ml_dtypes too)
+    ("fp6_e3m2", INF, None, 0x1F),
+    ("fp6_e3m2", 2.0**-4, None, 0x01),  # smallest subnormal
+    ("fp6_e3m2", 0.25, None, 0x04),  # smallest normal
+    ("fp6_e3m2", 2.0**-5, None, 0x00),  # half a subnormal step: tie -> even 0
+    ("fp6_e3m2", 3 * 2.0**-5, None, 0x02),  # tie -> even 2
+    ("fp6_e3m2", 1.125, None, 0x0C),  # tie -> even mantissa 0
+    ("fp6_e3m2", 1.375, None, 0x0E),  # tie -> even mantissa 2
+    # fp6_e2m3 (OCP FP6 E2M3, bias 1): no inf/NaN, RNE, saturating at 7.5
+    ("fp6_e2m3", 1.0, None, 0x08),
+    ("fp6_e2m3", -0.0, None, 0x20),
+    ("fp6_e2m3", 7.5, None, 0x1F),  # max
+    ("fp6_e2m3", -INF, None, 0x3F),
+    ("fp6_e2m3", 7.75, None, 0x1F),  # tie above max saturates
+    ("fp6_e2m3", 0.125, None, 0x01),  # smallest subnormal
+    ("fp6_e2m3", 1.0625, None, 0x08),  # tie -> even
+    ("fp6_e2m3", 1.1875, None, 0x0A),  # tie -> even
+    # fp4_e2m1 (OCP FP4, bias 1): values 0, 0.5, 1, 1.5, 2, 3, 4, 6
+    ("fp4_e2m1", 1.0, None, 0x2),
+    ("fp4_e2m1", -0.0, None, 0x8),
+    ("fp4_e2m1", 6.0, None, 0x7),  # max
+    ("fp4_e2m1", -6.0, None, 0xF),
+    ("fp4_e2m1", 0.5, None, 0x1),  # the only subnormal
+    ("fp4_e2m1", 0.25, None, 0x0),  # tie -> even 0
+    ("fp4_e2m1", 0.75, None, 0x2),  # tie -> even 1.0
+    ("fp4_e2m1", 1.75, None, 0x4),  # tie -> even 2.0
+    ("fp4_e2m1", 2.5, None, 0x4),  # tie -> even 2.0
+    ("fp4_e2m1", 5.0, None, 0x6),  # tie -> even 4.0
+    ("fp4_e2m1", 7.0, None, 0x7),  # saturates
+    ("fp4_e2m1", 1e9, None, 0x7),
+    ("fp4_e2m1", -INF, None, 0xF),
     # fixed point: two's complement, round half to even, saturate
     ("q3.13", 1.5, None, 0x3000),
     ("q3.13", -1.5, None, 0xD000),
@@ -133,15 +169,16 @@ def test_golden_table_covers_every_format():
 
 
 # -- spec decoders (Python integers only) ------------------------------------------------------
-def spec_float(pattern: int, exp_bits: int, man_bits: int, finite: bool) -> float:
+def spec_float(pattern: int, exp_bits: int, man_bits: int, finite: bool, nan: bool = True) -> float:
     """Value of a binary float pattern from its definition: (-1)^s * 2^(e-bias) * 1.m, subnormals,
-    all-ones exponent = inf/NaN (or, for 'fn' formats, NaN only when the mantissa is all ones)."""
+    all-ones exponent = inf/NaN (or, for 'fn' formats, NaN only when the mantissa is all ones; for
+    the FP6/FP4 element types, ``nan=False``, every pattern is a number)."""
     sign = -1.0 if pattern >> (exp_bits + man_bits) & 1 else 1.0
     e = (pattern >> man_bits) & ((1 << exp_bits) - 1)
     m = pattern & ((1 << man_bits) - 1)
     bias = (1 << (exp_bits - 1)) - 1
     top = (1 << exp_bits) - 1
-    if finite and e == top and m == (1 << man_bits) - 1:
+    if finite and nan and e == top and m == (1 << man_bits) - 1:
         return math.nan
     if not finite and e == top:
         return sign * math.inf if m == 0 else math.nan
@@ -153,7 +190,7 @@ def spec_float(pattern: int, exp_bits: int, man_bits: int, finite: bool) -> floa
 def spec_value(fmt, pattern: int, scale: float | None) -> float:
     bits = fmt.bits
     if isinstance(fmt, FloatFormat):
-        v = spec_float(pattern, fmt.exp_bits, fmt.man_bits, fmt.finite)
+        v = spec_float(pattern, fmt.exp_bits, fmt.man_bits, fmt.finite, fmt.has_nan)
         if fmt.bits == 32:  # cross-check with the C library's reading of the bits
             ref = struct.unpack("<f", struct.pack("<I", pattern))[0]
             assert (math.isnan(v) and math.isnan(ref)) or v == ref
@@ -202,6 +239,10 @@ def test_every_single_bit_flip_decodes_to_spec(name):
         ("fp8_e4m3", 1.0, 6, 256.0),  # 0x38 ^ 0x40 = 0x78: the all-ones exponent is normal in E4M3
         ("fp8_e4m3", 448.0, 0, NAN),  # 0x7E ^ 0x01 = 0x7F, the only NaN
         ("fp8_e5m2", 1.0, 6, INF),  # 0x3C ^ 0x40 = 0x7C
+        ("fp4_e2m1", 1.0, 2, 4.0),  # 0x2 ^ 0x4 = 0x6
+        ("fp4_e2m1", 6.0, 3, -6.0),
+        ("fp6_e2m3", 1.0, 4, 4.0),  # exponent MSB: 0x08 ^ 0x10 = 0x18
+        ("fp6_e3m2", 1.0, 4, 16.0),  # 0x0C ^ 0x10 = 0x1C: no NaN, the top exponent is normal
         ("q3.13", 1.5, 15, -2.5),  # 1.5 - 4
         ("q3.13", 1.5, 14, 3.5),  # 1.5 + 2
         ("q1.7", 0.5, 6, 0.0),
