@@ -403,9 +403,10 @@ class ActivationSession:
                 scale = self.format.choose_qparams(t.detach(), strict=False)
             else:
                 scale = self.format.choose_qparams(t.detach().float()) if self.dynamic else self._scales[i]
-            q = t if self._fp32 else self._quantize(t, scale, inplace_ok and _owned(t, inp, module, kw))
+            owned = inplace_ok and _owned(t, inp, module, kw)
+            q = t if self._fp32 else self._quantize(t, scale, owned)
             if armed:
-                q = self._inject(i, q, scale)
+                q = self._inject(i, q, scale, owned)
             q = q.to(t.dtype)
             if outer:
                 self._emit(q)
@@ -422,7 +423,10 @@ class ActivationSession:
         out = t if inplace and t.dtype == torch.float32 else None
         return self.format.quantize(t, scale, out=out, strict=False)
 
-    def _inject(self, i: int, q: Tensor, scale: object) -> Tensor:
+    def _inject(self, i: int, q: Tensor, scale: object, owned: bool = False) -> Tensor:
+        """Flip the planned sites of output ``i`` (``q``: the quantized output, or for fp32 the
+        module's own output, written in place only when ``owned``: a fresh tensor that nothing
+        else reads, so a handful of flips never costs a copy of a large feature map)."""
         fault, fmt = self._fault, self.format
         if self._stored:
             return self._inject_stored(i, q, scale)
@@ -460,9 +464,9 @@ class ActivationSession:
 
         self.log.extend(build, elem.numel(), rows=elem.numel() if value is None else None)
         newv = newv.to(flat.dtype)
-        if self._fp32:  # q is the module's own output: never modified in place
+        if self._fp32 and not owned:  # the module's own output, possibly read elsewhere: a copy
             return flat.index_copy(0, idx, newv).view_as(q)
-        return flat.index_copy_(0, idx, newv).view_as(q)  # q is our fresh quantized copy
+        return flat.index_copy_(0, idx, newv).view_as(q)  # our fresh quantized copy, or owned
 
 
     def _inject_stored(self, i: int, q: Tensor, qp) -> Tensor:
