@@ -95,6 +95,11 @@ class Record:
     per_sample: dict[str, list[Tensor]] = field(default_factory=dict)
     sums: dict[str, float] = field(default_factory=dict)
     raw: list[tuple[object, object]] = field(default_factory=list)  # custom metrics: (output, target)
+    #: values computed against a reference, kept for the next call (not pickled)
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "memo": {}}
 
     def add(self, name: str, t: Tensor) -> None:
         self.per_sample.setdefault(name, []).append(t)
@@ -189,8 +194,14 @@ class Cosine(Metric):
         rec.add("vec", v.detach().reshape(n, -1).float())
 
     def _cos(self, rec: Record, ref: Record) -> Tensor:
-        a, b = rec.cat("vec"), ref.cat("vec")
-        return F.cosine_similarity(a, b.to(a.device), dim=1, eps=1e-30).cpu()
+        """Per-sample cosine to the reference (computed once per pair: values, sdc and sdc_any
+        all read it)."""
+        hit = rec.memo.get(("cos", id(ref)))
+        if hit is None or hit[0] is not ref:
+            a, b = rec.cat("vec"), ref.cat("vec")
+            cos = F.cosine_similarity(a, b.to(a.device), dim=1, eps=1e-30).cpu()
+            hit = rec.memo[("cos", id(ref))] = (ref, cos)
+        return hit[1]
 
     def values(self, rec: Record, ref: Record | None) -> dict[str, float]:
         if ref is None:  # the golden run against itself
