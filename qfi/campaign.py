@@ -101,6 +101,13 @@ def bit_part(cfg: CampaignConfig) -> str:
     return "codes" if cfg.part == "all" else cfg.part
 
 
+def batch_seed(seed: int, batch: int) -> int:
+    """The seed of batch ``batch``'s fault draw in a trial of seed ``seed`` (``--policy batch`` /
+    ``inference``): a 63-bit hash, so each batch's faults can be drawn again (replayed) alone."""
+    h = hashlib.sha256(f"{seed}|batch|{batch}".encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 1
+
+
 def trial_seed(campaign_seed: int, key: tuple[str, ...]) -> int:
     """A 63-bit seed from the campaign seed and the trial key (stable across runs and machines)."""
     h = hashlib.sha256(("|".join((str(campaign_seed),) + key)).encode()).digest()
@@ -488,6 +495,17 @@ def _run_trial(
     fault = trial.fault_model()
     if shortcut and trial.certainly_clean:
         return clean, 0, False
+    if cfg.policy != "trial":  # a new draw per batch (or per inference: batches of one)
+        logs: list[Any] = []
+
+        @contextlib.contextmanager
+        def around(i: int) -> Iterator[None]:
+            with session.inject(fault, seed=batch_seed(trial.seed, i)) as log:
+                logs.append(log)
+                yield
+
+        res = evaluator(model, around_batch=around)
+        return res, sum(lg.flips for lg in logs), True
     use = prefix if prefix is not None and prefix.active else None
 
     def evaluate() -> EvalResult:  # without a cache, exactly the call it always was

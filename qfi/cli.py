@@ -213,6 +213,12 @@ def _faults(p: argparse.ArgumentParser, ber: str, bits: str) -> None:
         "--dynamic", action="store_true", help="activations: scale per forward instead of calibrated"
     )
     p.add_argument(
+        "--policy",
+        default="trial",
+        help="when a fault is drawn: trial (once per trial; default), batch (per evaluation batch), "
+        "inference (per inference: needs --batch-size 1)",
+    )
+    p.add_argument(
         "--part",
         default="all",
         help="block/group formats: the stored words faults hit: all (default: every stored bit), "
@@ -325,6 +331,7 @@ def _config(a: argparse.Namespace, formats: str) -> Any:
         flips=a.flips or (),
         bits=a.bits,
         part=a.part,
+        policy=a.policy,
         names=tuple(a.names) if a.names else ("",),
         exclude=a.exclude,
         reps=a.reps,

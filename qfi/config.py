@@ -18,6 +18,7 @@ from quant_schemes import FormatError, get_format
 
 TARGETS = ("weights", "activations")
 EXECUTORS = ("local", "ray")
+POLICIES = ("trial", "batch", "inference")
 
 
 def parse_bers(spec: str | float | list | tuple) -> tuple[float, ...]:
@@ -155,6 +156,11 @@ class CampaignConfig:
     ``part`` chooses the stored words faults hit in formats that store more than codes (block and
     group formats: ``codes``, ``scales``, ``zero_points``; default ``all``: every stored bit at
     one BER, as a memory sees them); per-bit sweeps of such formats name one part.
+    ``policy`` says when a trial's fault is drawn: ``trial`` (once, held over every batch: a
+    permanent fault for the run; for activations each forward draws from the trial's generator),
+    ``batch`` (a new draw for every evaluation batch, seeded by ``batch_seed(trial seed, batch)``
+    so each can be replayed alone) or ``inference`` (the same with batches of one sample: one
+    fault draw per inference, the transient single-event-upset model).
     ``bn_stats`` adds the running statistics of BatchNorm layers to the selectable weights (left
     out by default: quantized hardware folds them into the convolutions; see ``qfi.qerror``).
     ``output_key`` chooses which floating tensor of a module output carries the faults (a key of a
@@ -217,6 +223,7 @@ class CampaignConfig:
     workers: int | None = None
     address: str | None = None
     threads: int = 1
+    policy: str = "trial"
     prefix_reuse: bool = False
     cache_mb: int | None = None
     out: str = "qfi-results"
@@ -355,6 +362,15 @@ class CampaignConfig:
                 raise QfiError(f"cache_mb {self.cache_mb} must be >= 0 (MiB of cached activations)")
             if not self.prefix_reuse:
                 raise QfiError("cache_mb applies with prefix_reuse (add --prefix-reuse)")
+        if self.policy not in POLICIES:
+            raise QfiError(f"unknown policy {self.policy!r}; allowed: {', '.join(POLICIES)}")
+        if self.policy == "inference" and self.batch_size != 1:
+            raise QfiError(
+                f"policy 'inference' (one fault draw per inference) needs batch_size 1, got "
+                f"{self.batch_size}: use --batch-size 1, or policy 'batch' (one draw per batch)"
+            )
+        if self.policy != "trial" and self.prefix_reuse:
+            raise QfiError(f"policy {self.policy!r} draws per batch; prefix_reuse needs policy 'trial'")
         if self.bn_stats and self.target != "weights":
             raise QfiError("bn_stats applies to target 'weights' only (BatchNorm running statistics)")
         if self.dynamic and self.target != "activations":

@@ -19,7 +19,8 @@ metric's business (``qfi.metrics``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,17 +200,24 @@ class Evaluator:
         return [x for x, _, _ in self.batches]
 
     @torch.no_grad()
-    def __call__(self, model: nn.Module, prefix: Any = None) -> EvalResult:
+    def __call__(
+        self,
+        model: nn.Module,
+        prefix: Any = None,
+        around_batch: Callable[[int], contextlib.AbstractContextManager[Any]] | None = None,
+    ) -> EvalResult:
         """One pass over the batches.  ``prefix`` (a :class:`qfi.prefix.PrefixCache` recorded on
         this evaluator's batches) serves the fault-free start of each forward from its cache:
-        batch ``i`` runs as ``prefix.forward(model, i, inputs)``."""
+        batch ``i`` runs as ``prefix.forward(model, i, inputs)``.  ``around_batch(i)`` is a context
+        entered around batch ``i``'s forward (a fault drawn per batch: ``--policy batch``)."""
         self.calls += 1
         rec = Record()
         finite = []
         for i, (x, y, n) in enumerate(self.batches):
-            out = call_model(model, x) if prefix is None else prefix.forward(model, i, x)
-            f = finite_rows(out, n)
-            self.metric.batch(rec, out, y, f)
+            with around_batch(i) if around_batch is not None else contextlib.nullcontext():
+                out = call_model(model, x) if prefix is None else prefix.forward(model, i, x)
+                f = finite_rows(out, n)
+                self.metric.batch(rec, out, y, f)
             rec.n += n
             finite.append(f.cpu())
         return EvalResult(self.metric, rec.finish(), torch.cat(finite))

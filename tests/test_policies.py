@@ -1,0 +1,77 @@
+"""Injection policies: when a trial's fault is drawn (once, per batch, per inference), each
+batch's draw replayable from its seed; recorded in the manifest and the campaign's identity."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import qfi
+from qfi import zoo
+from qfi.campaign import batch_seed, plan, run_campaign
+from qfi.config import CampaignConfig
+from qfi.errors import QfiError
+from qfi.evaluate import Evaluator
+
+
+@pytest.fixture(scope="module")
+def model():
+    return zoo.load_model("vit_digits")
+
+
+def _cfg(tmp_path, name, **kw):
+    base = dict(formats=("int8",), ber=(), flips=(2,), reps=2, limit=96, batch_size=32, device="cpu")
+    base.update(kw)
+    return CampaignConfig(out=str(tmp_path / name), **base)
+
+
+def test_batch_policy_draws_per_batch_and_replays_from_the_batch_seeds(tmp_path, model):
+    """--policy batch: a trial of FlipCount(2) over 3 batches flips 6 bits; its top-1 equals a
+    manual pass where batch i carries session.apply(fault, seed=batch_seed(trial seed, i))."""
+    cfg = _cfg(tmp_path, "b", policy="batch")
+    res = run_campaign(cfg, model=model, progress=False, plots=False)
+    assert (res.detail["flips"] == 6).all()
+    t = plan(cfg)[0]
+    ev = Evaluator(zoo.load_data("digits"), batch_size=32, limit=96)
+    correct = 0
+    with qfi.weights(model, "int8") as s:
+        for i, (x, y, _n) in enumerate(ev.batches):
+            s.apply(qfi.FlipCount(count=2), seed=batch_seed(t.seed, i))
+            try:
+                with torch.no_grad():
+                    correct += int((model(x).argmax(1) == y).sum())
+            finally:
+                s.undo()
+    assert res.detail["top1"].iloc[0] == correct / 96
+    trial = run_campaign(dataclasses.replace(cfg, policy="trial", out=str(tmp_path / "t")), model=model,
+                         progress=False, plots=False)
+    assert (trial.detail["flips"] == 2).all()
+
+
+def test_inference_policy_needs_batches_of_one_and_draws_per_sample(tmp_path, model):
+    """--policy inference: one draw per inference (batch size 1); other batch sizes are refused."""
+    with pytest.raises(QfiError, match=r"policy 'inference' .* needs batch_size 1, got 32"):
+        _cfg(tmp_path, "x", policy="inference")
+    cfg = _cfg(tmp_path, "i", policy="inference", batch_size=1, limit=12, reps=1, flips=(1,))
+    res = run_campaign(cfg, model=model, progress=False, plots=False)
+    assert res.detail["flips"].tolist() == [12]
+
+
+def test_activation_faults_per_batch(tmp_path, model):
+    """Activations under --policy batch: one FlipCount draw per batch (armed per batch)."""
+    cfg = _cfg(tmp_path, "a", target="activations", names=("mlp.0",), formats=("bf16",), policy="batch")
+    res = run_campaign(cfg, model=model, progress=False, plots=False)
+    assert (res.detail["flips"] == 6).all()
+
+
+def test_policy_is_recorded_and_part_of_the_identity(tmp_path, model):
+    """The policy is in manifest.json, and a folder of one policy refuses another."""
+    cfg = _cfg(tmp_path, "m", policy="batch", reps=1)
+    run_campaign(cfg, model=model, progress=False, plots=False)
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert manifest["config"]["policy"] == "batch"
+    with pytest.raises(QfiError, match="different campaign"):
+        run_campaign(dataclasses.replace(cfg, policy="trial"), model=model, progress=False, plots=False)
+    with pytest.raises(QfiError, match="unknown policy 'epoch'"):
+        CampaignConfig(policy="epoch")
