@@ -22,7 +22,8 @@ if ! .venv/bin/python -c "import qfi, quant_schemes, pytest, ml_dtypes, transfor
     touch .venv/.qfi-installed
 fi
 # flags alone (bash run.sh --quiet) go to the main job
-if [ "${1:0:1}" = "-" ] && [ "${1:-}" != "-h" ] && [ "${1:-}" != "--help" ]; then
+arg1="${1:-}"
+if [ "${arg1:0:1}" = "-" ] && [ "${1:-}" != "-h" ] && [ "${1:-}" != "--help" ]; then
     set -- main "$@"
 fi
 case "${1:-main}" in
