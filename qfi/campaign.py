@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 import qfi
+from qfi import outputs
 from qfi.config import CampaignConfig, parse_bits
 from qfi.errors import Interrupted, NonFiniteBaseline, OutputFolderBusy, QfiError
 from qfi.evaluate import EvalResult, Evaluator
@@ -1134,7 +1135,7 @@ def _nonfinite_source(model: nn.Module, evaluator: Evaluator) -> str:
 
     def hook(name: str):
         def record(_m: nn.Module, _i: object, out: object) -> None:
-            if not first and any(not bool(torch.isfinite(t).all()) for t in _floats_in(out)):
+            if not first and any(not bool(torch.isfinite(t).all()) for _, t in outputs.float_tensors(out)):
                 first.append(name)
 
         return record
@@ -1152,20 +1153,6 @@ def _nonfinite_source(model: nn.Module, evaluator: Evaluator) -> str:
     if first:
         return f"no weight is NaN/Inf; the output of module {first[0]!r} is the first to turn non-finite"
     return "no weight is NaN/Inf and no module output could be traced"
-
-
-def _floats_in(obj: object, depth: int = 0) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj] if obj.is_floating_point() else []
-    if depth > 4:
-        return []
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        obj = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
-    if isinstance(obj, (tuple, list)):
-        return [t for o in obj for t in _floats_in(o, depth + 1)]
-    return []
 
 
 def _warn_if_crushed(what: str, metric: Any, clean: dict[str, float], golden: dict[str, float]) -> None:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from qfi.errors import QfiError
+from qfi.evaluate import Evaluator, _to
 
 log = logging.getLogger("qfi")
 
@@ -47,14 +48,8 @@ def _ray() -> Any:
 
 
 def _cpu(obj: Any) -> Any:
-    """``obj`` with every tensor moved to the CPU (for shipping to workers)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.cpu()
-    if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_cpu(v) for v in obj)
-    return obj
+    """``obj`` with every tensor (in dicts, tuples, lists) moved to the CPU, for shipping."""
+    return _to(obj, torch.device("cpu"))
 
 
 def plugin_modules(cfg: Any) -> list[str]:
@@ -106,7 +101,6 @@ class _Worker:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         torch.set_num_threads(spec["threads"])
         from qfi.campaign import TrialContext
-        from qfi.evaluate import Evaluator
 
         self.device = torch.device("cuda" if spec["gpu"] and torch.cuda.is_available() else "cpu")
         model = spec["model"].to(self.device).eval()
@@ -151,12 +145,6 @@ class _Worker:
                 key = t.key(self.ctx.cfg.target)
                 raise QfiError(f"trial {key} raised {type(e).__name__}: {e}") from e
         return rows, self.ctx.evaluator.calls - before, time.perf_counter() - t0
-
-
-def _to(obj: Any, device: torch.device) -> Any:
-    from qfi.evaluate import _to as move
-
-    return move(obj, device)
 
 
 class RayExecutor:

@@ -106,6 +106,8 @@ class Record:
 
     def cat(self, name: str) -> Tensor:
         parts = self.per_sample.get(name, [])
+        if len(parts) == 1:  # after finish(): the concatenated tensor itself, no copy per read
+            return parts[0]
         return torch.cat(parts) if parts else torch.empty(0)
 
     def finish(self) -> Record:
