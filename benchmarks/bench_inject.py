@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 import qfi
+from qfi.errors import QfiError
 from qfi.zoo.vit import VisionTransformer, vit_b_16_shaped
 
 
@@ -44,6 +45,7 @@ class Plan:
     dense_reps: int  # repetitions of the dense per-bit-mask block trial
     pairs: int  # activation emulation: (golden, emulated) forward pairs per format
     batch: int  # activation emulation: batch size
+    conv: tuple[int, int]  # conv feature maps: (batch, image size)
 
 
 def tiny_vit() -> VisionTransformer:
@@ -52,9 +54,9 @@ def tiny_vit() -> VisionTransformer:
 
 
 PLANS = {
-    "full": Plan("ViT-B/16-shaped", vit_b_16_shaped, 9, {1e-9: 40, 1e-6: 40, 1e-4: 3}, 15, 3, 7, 8),
-    "quick": Plan("ViT-B/16-shaped", vit_b_16_shaped, 4, {1e-9: 40, 1e-6: 40, 1e-4: 3}, 5, 1, 3, 8),
-    "smoke": Plan("tiny ViT (smoke test)", tiny_vit, 2, {1e-9: 3, 1e-6: 3, 1e-4: 2}, 2, 1, 2, 2),
+    "full": Plan("ViT-B/16-shaped", vit_b_16_shaped, 9, {1e-9: 40, 1e-6: 40, 1e-4: 3}, 15, 3, 9, 8, (64, 64)),
+    "quick": Plan("ViT-B/16-shaped", vit_b_16_shaped, 4, {1e-9: 40, 1e-6: 40, 1e-4: 3}, 5, 1, 5, 8, (64, 64)),
+    "smoke": Plan("tiny ViT (smoke test)", tiny_vit, 2, {1e-9: 3, 1e-6: 3, 1e-4: 2}, 2, 1, 2, 2, (2, 16)),
 }
 
 
@@ -223,32 +225,143 @@ class _Replay(nn.Module):
 
 
 def bench_activations(model: VisionTransformer, x1: Tensor, plan: Plan) -> None:
-    """Activation emulation: batch forward, every nn.Linear output quantized, a fault armed."""
+    """Activation emulation on the ViT: batch forward, every nn.Linear output quantized, a fault armed."""
     x = torch.randn(plan.batch, *x1.shape[1:], device=x1.device)
     linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]  # mlp.0, mlp.3, heads.head
-    names = [f"re:^{re.escape(n)}$" for n in linears]
-    fault = qfi.BitFlip(ber=1e-7)
     head = f"activation emulation, batch {plan.batch}, {len(linears)} nn.Linear outputs"
+    emulation_table(head, model, x, linears, ("fp16", "bf16", "int8"), x1, plan)
+
+
+class ConvNet(nn.Module):
+    """Nine 3x3 convolutions (3 -> c, then c -> c) with ReLUs and a linear head: the large
+    feature maps of a CNN (batch 64 at 64x64: 8.4M floats, 32 MiB, per convolution output)."""
+
+    def __init__(self, c: int = 32, convs: int = 9, classes: int = 10) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(3 if i == 0 else c, c, 3, padding=1) for i in range(convs))
+        self.head = nn.Linear(c, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for conv in self.convs:
+            x = torch.relu(conv(x))
+        return self.head(x.mean((2, 3)))
+
+
+def bench_conv(plan: Plan) -> None:
+    """Activation emulation on a CNN's feature maps: every convolution output in fp32 (faults
+    flipped in place), fp16, bf16 and int8, BitFlip(1e-7) armed."""
+    torch.manual_seed(0)
+    batch, size = plan.conv
+    model = ConvNet().eval().to(DEVICE)
+    x = torch.randn(batch, 3, size, size, device=DEVICE)
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    head = f"conv feature maps, batch {batch} at {size}x{size}, {len(convs)} conv outputs"
+    emulation_table(head, model, x, convs, ("fp32", "fp16", "bf16", "int8"), x[:2], plan)
+
+
+def dense_model(plan: Plan) -> tuple[str, nn.Module, dict[str, Tensor] | Tensor]:
+    """The real 22.7M-parameter text transformer (all-MiniLM-L6-v2, 47 sentences) when the
+    ``minilm`` extra is installed, else (and for --smoke) the plan's ViT on a batch of 8."""
+    if plan.label.startswith("ViT-B"):
+        try:
+            import importlib
+            import sys
+            from pathlib import Path
+
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+            tt = importlib.import_module("text_transformer")
+            model = tt.minilm()
+            return "all-MiniLM-L6-v2, 47 sentences", model, tt.sentences(47)
+        except (ImportError, QfiError) as e:  # the hf / minilm extras are optional
+            print(f"(all-MiniLM-L6-v2 unavailable: {e}; the plan's ViT instead)")
+    model = plan.model().eval()
+    return f"{plan.label}, batch 8", model, torch.randn(8, 3, model.image_size, model.image_size)
+
+
+def bench_dense(plan: Plan) -> None:
+    """Dense weight faults: fp32 BitFlip trials (inject + undo) at BER 1e-4 .. 1e-2 over every
+    weight, against one copy of all the selected weights and against the model's forward."""
+    label, model, batch = dense_model(plan)
+    model = model.to(DEVICE)
+    batch = {k: v.to(DEVICE) for k, v in batch.items()} if isinstance(batch, dict) else batch.to(DEVICE)
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(**batch) if isinstance(batch, dict) else model(batch)
+
+    copies = [torch.empty_like(p) for p in params]
+
+    def copy_all() -> None:  # one plain copy of every selected weight, into buffers made once
+        with torch.no_grad():
+            for c, p in zip(copies, params, strict=True):
+                c.copy_(p)
+
+    bers = (1e-4, 1e-3, 3e-3, 1e-2)
+    g = torch.Generator().manual_seed(0)
+    rounds = max(1, plan.rounds // 2)
+    reps = 3 if plan.rounds > 2 else 1
+    times: dict[float, list[float]] = {b: [] for b in bers}
+    flips: dict[float, list[int]] = {b: [] for b in bers}
+    copy_t, fwd_t = [], []
+    with qfi.weights(model, "fp32") as w:
+        forward()
+        for _ in range(rounds):  # rounds of [forward, copy, trials per BER]: ratios under one load
+            fwd_t.append(med(forward, reps))
+            copy_t.append(med(copy_all, reps))
+            for ber in bers:
+                fault = qfi.BitFlip(ber=ber)
+                ts = []
+                for _ in range(reps):
+                    t = clock()
+                    with w.inject(fault, generator=g) as log:
+                        k = log.flips
+                    ts.append(clock() - t)
+                    flips[ber].append(k)
+                times[ber].append(statistics.median(ts))
+    c, f = statistics.median(copy_t), statistics.median(fwd_t)
+    print(f"\ndense weight faults, fp32, all {n:,} weights of {label}")
+    print(f"one copy of all the weights {c * 1e3:.1f} ms; forward {f * 1e3:.1f} ms")
+    print(f"{'BER':>8s} {'mean flips':>11s} {'trial':>10s} {'/ copy':>8s} {'/ forward':>10s}")
+    for ber in bers:
+        tr = statistics.median(times[ber])
+        k = statistics.mean(flips[ber])
+        print(f"{ber:8.0e} {k:11,.0f} {tr * 1e3:8.1f}ms {tr / c:7.2f}x {100 * tr / f:9.1f}%")
+    print("trial: apply (sampling, grouping by word, gather-XOR-scatter) and undo, median")
+
+
+def emulation_table(
+    head: str, model: nn.Module, x: Tensor, modules: list[str], formats: Sequence[str], calib: Tensor,
+    plan: Plan,
+) -> None:
+    """One row per format: the forward with ``modules``' outputs emulated (a fault armed) against
+    the golden forward, end to end and as the hooks' own work."""
+    import copy
+
+    names = [f"re:^{re.escape(n)}$" for n in modules]
+    fault = qfi.BitFlip(ber=1e-7)
     print(f"\n{head:46s} {'golden':>9s} {'emulated':>9s} {'overhead':>9s} {'hook work':>10s}")
-    # the Linear outputs of one forward, replayed to time the hooks' own work apart from the model
+    # the outputs of one forward, replayed to time the hooks' own work apart from the model
     outs: list[Tensor] = []
     mods = dict(model.named_modules())
-    rec = [mods[n].register_forward_hook(lambda _m, _i, o: outs.append(o)) for n in linears]
+    rec = [mods[n].register_forward_hook(lambda _m, _i, o: outs.append(o)) for n in modules]
     forward_time(model, x)
     for h in rec:
         h.remove()
-    probe = torch.zeros(1, device=x1.device)
-    for fmt in ("fp16", "bf16", "int8"):
-        # golden (no session) and emulated forwards alternate, so that load drift hits both
-        # alike; each pair enters its own session, the first pair is a warm-up
+    golden = copy.deepcopy(model)  # never hooked: the golden forward runs no session code at all
+    probe = torch.zeros(1, device=x.device)
+    for fmt in formats:
+        # golden and emulated forwards alternate, so that load drift hits both alike; the session
+        # is entered once (as a campaign does), the first pair is a warm-up
         gold_t, emu_t = [], []
-        for i in range(plan.pairs + 1):
-            g = forward_time(model, x)
-            with qfi.activations(model, fmt, names=names, calibrate=[x1]) as act, act.inject(fault, seed=i):
+        with qfi.activations(model, fmt, names=names, calibrate=[calib]) as act, act.inject(fault, seed=0):
+            for i in range(plan.pairs + 1):
+                g = forward_time(golden, x)
                 e = forward_time(model, x)
-            if i:
-                gold_t.append(g)
-                emu_t.append(e)
+                if i:
+                    gold_t.append(g)
+                    emu_t.append(e)
         replay = _Replay([o.clone() for o in outs])  # a fresh copy per format: faults land in it
         bare = med(lambda replay=replay: replay(probe), plan.reps)
         with qfi.activations(replay, fmt, calibrate=[probe]) as act, act.inject(fault, seed=0):
@@ -260,7 +373,7 @@ def bench_activations(model: VisionTransformer, x1: Tensor, plan: Plan) -> None:
             f"{100 * paired:8.2f}% {100 * work / g8:9.2f}%"
         )
     print(
-        "overhead: end to end, median over pairs of alternating golden (no session) and emulated"
+        "overhead: end to end, median over pairs of alternating golden (an unhooked copy) and emulated"
         " forwards (noisy under load);"
         " hook work: the hooks run on the recorded outputs alone, as a share of the golden forward"
     )
@@ -326,13 +439,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="fewer repetitions")
     size.add_argument("--smoke", action="store_true", help="a tiny ViT, every measurement once (seconds)")
-    ap.add_argument("--only", choices=("weights", "activations", "formats"), default=None,
+    ap.add_argument("--only", choices=("weights", "activations", "conv", "dense", "formats"), default=None,
                     help="run one part (formats: only the --format table)")
     ap.add_argument("--format", default=None,
                     help="comma-separated formats for a per-format weight-trial table at BER 1e-6 "
                          "(e.g. int8,mxfp4,nvfp4; ratios to the first)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]; timings synchronize")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="qfi.keep_freed_memory() first, as the qfi CLI does (default: the allocator as is)")
     args = ap.parse_args(argv)
+    if args.keep_freed_memory:
+        print(f"qfi.keep_freed_memory(): {qfi.keep_freed_memory()}")
     global DEVICE
     DEVICE = torch.device(args.device)
     plan = PLANS["smoke" if args.smoke else "quick" if args.quick else "full"]
@@ -344,6 +461,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         bench_weights(model, x1, plan)
     if args.only is None or args.only == "activations":
         bench_activations(model, x1, plan)
+    if args.only is None or args.only == "conv":
+        bench_conv(plan)
+    if args.only is None or args.only == "dense":
+        bench_dense(plan)
     if args.format or args.only == "formats":
         formats = [f.strip() for f in (args.format or "int8,mxfp4").split(",") if f.strip()]
         bench_formats(model, x1, plan, formats)

@@ -5,6 +5,7 @@
 """
 
 from qfi.activation_session import ActivationSession, activations
+from qfi.allocator import keep_freed_memory
 from qfi.errors import QfiError
 from qfi.faults import BitFlip, Fault, FlipCount, FlipSites, StuckAt, parse_bits
 from qfi.log import FaultLog
@@ -29,6 +30,7 @@ __all__ = [
     "WeightSession",
     "activations",
     "fault_aware",
+    "keep_freed_memory",
     "list_names",
     "observe",
     "parse_bits",

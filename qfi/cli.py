@@ -511,6 +511,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         a = build_parser().parse_args(argv)
         command = a.command
+        from qfi.allocator import keep_freed_memory
+
+        keep_freed_memory()  # a campaign repeats one forward: reuse its large blocks (QFI_MALLOC=system: off)
         logging.basicConfig(
             level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s"
         )

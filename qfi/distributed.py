@@ -100,7 +100,10 @@ class _Worker:
     def __init__(self, spec: dict[str, Any]) -> None:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         torch.set_num_threads(spec["threads"])
+        from qfi.allocator import keep_freed_memory
         from qfi.campaign import TrialContext
+
+        keep_freed_memory()  # as the CLI: the worker repeats one forward (QFI_MALLOC=system: off)
 
         self.device = torch.device("cuda" if spec["gpu"] and torch.cuda.is_available() else "cpu")
         model = spec["model"].to(self.device).eval()

@@ -269,23 +269,33 @@ DENSE_FLIPS = 1 << 16
 
 def sample_bernoulli(n: int, p: float, generator: torch.Generator) -> Tensor:
     """Every integer in ``[0, n)`` independently with probability ``p``, sorted, in O(n p): the
-    gaps between successive hits of a Bernoulli process are geometric, ``1 + floor(log(U) /
-    log(1 - p))`` for uniform ``U``, so their cumulative sums are the hits, sorted and distinct by
-    construction (no binomial draw, no sort, no duplicate removal)."""
-    lq = math.log1p(-p)
+    gaps between successive hits of a Bernoulli process are geometric, ``1 + floor(E / -log(1 -
+    p))`` for a standard exponential ``E``, so their cumulative sums are the hits, sorted and
+    distinct by construction (no binomial draw, no sort, no duplicate removal).
+
+    The exponentials come from numpy's ziggurat on a PCG64 stream seeded by one draw of
+    ``generator`` (the same seed gives the same sites): at a few million flips that stream, the
+    exponential and numpy's int64 ``cumsum`` are each several times faster than torch's CPU
+    ``rand``, ``log1p`` and ``cumsum``, and the sampling is the bulk of a dense trial."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, dtype=torch.int64))
+    rng = np.random.Generator(np.random.PCG64(seed))
+    inv_rate = -1.0 / math.log1p(-p)  # E * inv_rate: the failures before the next hit
     mean = n * p
     m = int(mean + 6 * math.sqrt(mean * (1 - p)) + 16)
     parts, last = [], -1
     while True:
-        u = torch.rand(m, dtype=torch.float64, generator=generator)
-        gaps = torch.floor(torch.log1p(-u) / lq).to(torch.int64) + 1  # log1p(-u): u in [0, 1)
-        hits = gaps.cumsum_(0).add_(last)
+        e = rng.standard_exponential(m)
+        gaps = np.multiply(e, inv_rate, out=e).astype(np.int64)
+        gaps += 1
+        hits = np.cumsum(gaps, out=gaps)
+        hits += last
         if int(hits[-1]) >= n:
-            parts.append(hits[: int(torch.searchsorted(hits, n))])
-            return torch.cat(parts) if len(parts) > 1 else parts[0]
+            parts.append(hits[: int(np.searchsorted(hits, n))])
+            break
         parts.append(hits)
         last = int(hits[-1])
         m = int((n - last) * p + 6 * math.sqrt((n - last) * p + 1) + 16)
+    return torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else parts[0])
 
 
 def sort_ints(x: Tensor) -> Tensor:
@@ -350,14 +360,32 @@ def _ends(eligible: Tensor) -> tuple[int, int]:
 def word_masks(elem: Tensor, bit: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
     """Group sorted distinct sites by word: ``(words, inverse, mask)`` with ``mask`` the int32
     bit pattern of each word's sites (bit 31 wraps to the sign, as in the code's int32 view).
-    ``inverse`` (site -> word) is None when every site is in its own word."""
-    if elem.numel() < 2 or not has_adjacent_equal(elem):
-        # the common case, in numpy: int64 -> int32 keeps the low 32 bits (bit 31 -> sign)
-        return elem, None, torch.from_numpy((np.ones(1, np.int64) << bit.numpy()).astype(np.int32))
-    ones = torch.ones_like(bit) << bit
-    words, inv = torch.unique_consecutive(elem, return_inverse=True)
-    m = torch.zeros(words.numel(), dtype=torch.int64).index_add_(0, inv, ones)
-    return words, inv, to_int32(m)
+    ``inverse`` (site -> word) is None when every site is in its own word.
+
+    In numpy, O(sites) without a scatter: the mask of a word is the sum of its sites' distinct
+    ``1 << bit``, a difference of one cumulative sum at the word's last site and at the previous
+    word's (int64 wraparound cannot spoil a difference)."""
+    e, b = elem.numpy(), bit.numpy()
+    ones = np.left_shift(np.int64(1), b)
+    if e.size < 2:
+        return elem, None, torch.from_numpy(ones.astype(np.int32))
+    first = np.empty(e.size, dtype=bool)
+    first[0] = True
+    np.not_equal(e[1:], e[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    if starts.size == e.size:  # the common case: every site in its own word
+        # int64 -> int32 keeps the low 32 bits (bit 31 -> sign)
+        return elem, None, torch.from_numpy(ones.astype(np.int32))
+    cs = np.cumsum(ones, out=ones)
+    last = np.empty_like(starts)
+    last[:-1] = starts[1:] - 1
+    last[-1] = e.size - 1
+    at = cs[last]
+    mask = at.copy()
+    mask[1:] -= at[:-1]
+    inv = np.cumsum(first, dtype=np.int64)
+    inv -= 1
+    return torch.from_numpy(e[starts]), torch.from_numpy(inv), torch.from_numpy(mask.astype(np.int32))
 
 
 def to_int32(x: Tensor) -> Tensor:

@@ -30,6 +30,7 @@ group, ``part_bits(fmt, part)`` bits wide); a fault layer may hit any of them.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -118,6 +119,26 @@ class Format(Protocol):
         result and is returned; ``strict=False`` lets NaN through as NaN (and saturates +-inf)
         where ``encode`` would raise, which is what an activation hook wants."""
         ...
+
+
+#: elements per piece of an in-place elementwise pass on the CPU: 8 MiB of float32 stays in a
+#: server CPU's last-level cache, so a chain of elementwise ops (cast down and back, or
+#: scale-round-clamp-scale) streams the tensor through memory once instead of once per op, while
+#: each op still has enough work to amortise waking the thread pool (OMP_WAIT_POLICY=PASSIVE):
+#: on the 2-core machine this was measured on, 30% off an fp16 or int8 pass over a 32 MiB map
+CHUNK = 1 << 21
+
+
+def in_pieces(x: Tensor, fn: Callable[[Tensor], object]) -> Tensor:
+    """Run the in-place elementwise ``fn`` over ``x`` piece by piece (a contiguous CPU tensor of
+    more than two pieces), else over ``x`` whole; returns ``x``.  Elementwise ops give the same
+    values either way: only the memory traffic changes."""
+    if x.device.type != "cpu" or x.numel() <= 2 * CHUNK or not x.is_contiguous():
+        fn(x)
+        return x
+    for piece in x.view(-1).split(CHUNK):
+        fn(piece)
+    return x
 
 
 def check_float_tensor(x: object, fmt_name: str) -> Tensor:

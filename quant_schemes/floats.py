@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from quant_schemes._bits import check_qdata, field_names, roles_of, signed_codes
-from quant_schemes.base import Encoded, FormatError, check_float_tensor
+from quant_schemes.base import Encoded, FormatError, check_float_tensor, in_pieces
 
 # (exp_bits, man_bits, finite, nan) -> (canonical name, torch dtype or None: rounded in software)
 _SUPPORTED: dict[tuple[int, int, bool, bool], tuple[str, torch.dtype | None]] = {
@@ -282,8 +282,13 @@ class FloatFormat:
             if strict:
                 self._refuse_nan(x32)
             q = torch.copysign(self._soft_round(x32.abs()), x32)
+        elif out is x and x.dtype == torch.float32:  # in place, piece by piece: one pass, no temporary
+            return in_pieces(x, lambda piece: piece.copy_(self.cast(piece)))
         else:
-            q = self.cast(x.to(torch.float32)).to(torch.float32)
+            q = self.cast(x.to(torch.float32))
+            if out is not None:  # widened straight into ``out``: no float32 temporary
+                return out.copy_(q)
+            q = q.to(torch.float32)
         if out is None:
             return q if q is not x else q.clone()
         return out.copy_(q)

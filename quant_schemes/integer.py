@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from quant_schemes._bits import check_qdata, field_names, pack_signed, roles_of, signed_codes
-from quant_schemes.base import Encoded, FormatError, check_float_tensor
+from quant_schemes.base import Encoded, FormatError, check_float_tensor, in_pieces
 from quant_schemes.granularity import Granularity, PerChannel, PerGroup, PerTensor
 
 MIN_BITS, MAX_BITS = 2, 32
@@ -173,6 +173,9 @@ class IntSymmetric:
             return q if out is None else out.copy_(q)
         s = self._check_scale(scale, x)
         r = torch.reciprocal(s)
+        if out is x and x.dtype == torch.float32 and s.numel() == 1:  # in place, piece by piece
+            lo, hi = -self.qmax, self.qmax
+            return in_pieces(x, lambda piece: piece.mul_(r).round_().clamp_(lo, hi).mul_(s))
         if out is not None and x.dtype == torch.float32:
             q = out.mul_(r) if out is x else torch.mul(x, r, out=out)
             q.round_()

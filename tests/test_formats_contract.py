@@ -326,6 +326,34 @@ def test_quantize_out_and_in_place(fmt):
     assert fmt.quantize(y, scale, out=y) is y and torch.equal(y, want)
 
 
+def test_quantize_in_place_piece_by_piece(fmt, monkeypatch):
+    """Large in-place passes run piece by piece (quant_schemes.base.CHUNK elements at a time):
+    with pieces of 16 elements, a ragged last piece, and NaN/inf let through (strict=False), the
+    values are those of the whole-tensor quantize."""
+    import quant_schemes.base as base
+
+    x = sample((7, 41), seed=3)
+    x.view(-1)[[5, 100, 286]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    scale = fmt.choose_qparams(torch.nan_to_num(x, 0.0, 0.0, 0.0))
+    want = fmt.quantize(x, scale, strict=False)
+    calls = []
+    real = base.in_pieces
+
+    def spy(t, fn):
+        calls.append(t.numel())
+        return real(t, fn)
+
+    monkeypatch.setattr(base, "CHUNK", 16)
+    for mod in ("quant_schemes.floats", "quant_schemes.integer"):
+        monkeypatch.setattr(f"{mod}.in_pieces", spy)
+    y = x.clone()
+    assert fmt.quantize(y, scale, out=y, strict=False) is y
+    assert torch.equal(y.isnan(), want.isnan()) and torch.equal(y.nan_to_num(), want.nan_to_num())
+    # the formats whose in-place pass is elementwise with one scale take the piecewise path
+    piecewise = {"fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "int8", "int4"}
+    assert calls == ([x.numel()] if fmt.name in piecewise else [])
+
+
 def test_int_tensor_rejected(fmt):
     """A non-float tensor raises FormatError naming its dtype and is left unchanged."""
     x = torch.arange(6, dtype=torch.int32)
