@@ -88,6 +88,24 @@ def forward_time(model: nn.Module, x: Tensor) -> float:
         return clock() - t
 
 
+def trial_time(
+    w: qfi.WeightSession, fault: object, n: int, g: torch.Generator, flips: list[int],
+    after: Callable[[qfi.FaultLog], object] | None = None,
+) -> float:
+    """Median wall time of ``n`` trials (apply, read the flip count, undo); appends the counts
+    and calls ``after(log)`` on each trial's log once its timing is taken."""
+    ts = []
+    for _ in range(n):
+        t = clock()
+        with w.inject(fault, generator=g) as log:
+            k = log.flips
+        ts.append(clock() - t)
+        flips.append(k)
+        if after is not None:
+            after(log)
+    return statistics.median(ts)
+
+
 def dense_block_trial(block: nn.Module, ber: float, g: torch.Generator) -> None:
     """Baseline (b): a torch.rand draw per bit-plane per element of one block, flip, restore."""
     with torch.no_grad():
@@ -125,16 +143,9 @@ def bench_weights(model: VisionTransformer, x1: Tensor, plan: Plan) -> None:
                 gold = forward_time(model, x1)
                 goldens.append(gold)
                 for ber, n in plan.trials.items():
-                    fault = qfi.BitFlip(ber=ber)
-                    ts = []
-                    for _ in range(n):
-                        t = clock()
-                        with w.inject(fault, generator=g) as log:
-                            k = log.flips
-                        ts.append(clock() - t)
-                        flips[ber].append(k)
-                    times[ber].append(statistics.median(ts))
-                    ratios[ber].append(statistics.median(ts) / gold)
+                    tr = trial_time(w, qfi.BitFlip(ber=ber), n, g, flips[ber])
+                    times[ber].append(tr)
+                    ratios[ber].append(tr / gold)
             for ber in plan.trials:
                 mb = statistics.mean(flips[ber]) * 12 / 1e6  # per flipped word: int64 index + int32 old word
                 extra = (
@@ -314,14 +325,7 @@ def bench_dense(plan: Plan) -> None:
                 fault = qfi.BitFlip(ber=ber)
                 with w.inject(fault, generator=g):  # warm-up: the first trial at a size maps new pages
                     pass
-                ts = []
-                for _ in range(reps):
-                    t = clock()
-                    with w.inject(fault, generator=g) as log:
-                        k = log.flips
-                    ts.append(clock() - t)
-                    flips[ber].append(k)
-                times[ber].append(statistics.median(ts))
+                times[ber].append(trial_time(w, fault, reps, g, flips[ber]))
     c, f = statistics.median(copy_t), statistics.median(fwd_t)
     print(f"\ndense weight faults, fp32, all {n:,} weights of {label}")
     print(f"one copy of all the weights {c * 1e3:.1f} ms; forward {f * 1e3:.1f} ms")
@@ -410,16 +414,13 @@ def bench_formats(model: VisionTransformer, x1: Tensor, plan: Plan, formats: lis
             for fmt in formats:
                 m, w = sessions[fmt]
                 gold = forward_time(m, x1)
-                ts = []
-                for _ in range(n):
-                    t = clock()
-                    with w.inject(fault, generator=g) as log:
-                        k = log.flips
-                    ts.append(clock() - t)
-                    flips[fmt].append(k)
-                    scale_rows[fmt] += int((log.name_id >= len(w.names)).sum())  # after the timing
-                times[fmt].append(statistics.median(ts))
-                ratios[fmt].append(statistics.median(ts) / gold)
+
+                def count_scale_rows(log: qfi.FaultLog, fmt: str = fmt, w: qfi.WeightSession = w) -> None:
+                    scale_rows[fmt] += int((log.name_id >= len(w.names)).sum())
+
+                tr = trial_time(w, fault, n, g, flips[fmt], count_scale_rows)
+                times[fmt].append(tr)
+                ratios[fmt].append(tr / gold)
             for fmt in formats:
                 rel[fmt].append(times[fmt][-1] / times[formats[0]][-1])
         bpv = {f: sessions[f][1].total_bits / n_params for f in formats}

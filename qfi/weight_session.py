@@ -385,57 +385,70 @@ class WeightSession:
                 )
         return out
 
-    def _apply_sites(self, elem: Tensor, bit: Tensor, value: int | None) -> FaultLog:
-        words, inv, mask = word_masks(elem, bit)
+    def _write(self, elems: Tensor, values) -> tuple[Tensor, ...] | None:
+        """Write new values into the sorted global elements ``elems`` (CPU int64), segment by
+        segment: ``values(k, a, b, idx, raw)`` gets the elements ``a:b`` of ``elems`` (in segment
+        ``k``; ``idx``: their positions in its buffer, on its device; ``raw``: their clean words)
+        and returns ``(old code, new code, old value, new value)``; the new values are written.
+        Returns the four, concatenated on the CPU, or None when nothing was hit.  The undo log is
+        pending before the first write and holds each word before it is written, so the caller
+        restores everything (``self.undo()``) when anything raises part-way."""
+        n = elems.numel()
         if len(self._segments) == 1:
-            bounds = [0, words.numel()]
+            bounds = [0, n]
         else:
-            bounds = torch.searchsorted(words, self._seg_starts).tolist() + [words.numel()]
-        olds, news, oldvs, newvs = [], [], [], []
-        # the undo log is pending before the first write and holds each word before it is
-        # written, so an exception (or a KeyboardInterrupt) part-way can restore everything
+            bounds = torch.searchsorted(elems, self._seg_starts).tolist() + [n]
         undo: list[tuple[Tensor, Tensor, Tensor]] = []
         self._pending = undo
+        cols: list[list[Tensor]] = [[], [], [], []]
+        with torch.no_grad():
+            for k, (start, buf) in enumerate(self._segments):
+                a, b = bounds[k], bounds[k + 1]
+                if a == b:
+                    continue
+                w = elems if b - a == n else elems[a:b]
+                idx = (w - start if start else w).to(buf.device)
+                ints = buf.view(_INT_VIEW[buf.dtype])
+                raw = ints.index_select(0, idx)
+                undo.append((ints, idx, raw))
+                got = values(k, a, b, idx, raw)
+                if self._fp32:
+                    ints.index_copy_(0, idx, got[1])
+                else:
+                    buf.index_copy_(0, idx, got[3].to(buf.dtype))
+                for c, x in zip(cols, got, strict=True):
+                    c.append(x)
+        if not cols[0]:
+            return None
+        if len(cols[0]) == 1:  # left on the device: the log is built (and synchronises) when read
+            return tuple(c[0] for c in cols)
+        return tuple(torch.cat([x.cpu() for x in c]) for c in cols)
+
+    def _apply_sites(self, elem: Tensor, bit: Tensor, value: int | None) -> FaultLog:
+        words, inv, mask = word_masks(elem, bit)
+        n = words.numel()
+
+        def values(_k: int, a: int, b: int, idx: Tensor, raw: Tensor) -> tuple[Tensor, ...]:
+            m = (mask if b - a == n else mask[a:b]).to(idx.device)
+            if self._fp32:
+                new = apply_mask(raw, m, value)
+                return raw, new, raw.view(torch.float32), new.view(torch.float32)
+            oldv = raw.view(self._segments[_k][1].dtype).float()
+            w = words if b - a == n else words[a:b]
+            scale = self._elem_scale(w)
+            enc = self.format.encode(oldv, None if scale is None else scale.to(idx.device))
+            new = apply_mask(enc.qdata, m, value)
+            return enc.qdata, new, oldv, self.format.decode(enc.replace(qdata=new))
+
         try:
-            with torch.no_grad():
-                for k, (start, buf) in enumerate(self._segments):
-                    a, b = bounds[k], bounds[k + 1]
-                    if a == b:
-                        continue
-                    dev = buf.device
-                    w = words[a:b] if b - a != words.numel() else words
-                    idx, m = (w - start if start else w), (mask[a:b] if b - a != mask.numel() else mask)
-                    if dev.type != "cpu":
-                        idx, m = idx.to(dev), m.to(dev)
-                    ints = buf.view(_INT_VIEW[buf.dtype])
-                    raw = ints.index_select(0, idx)
-                    undo.append((ints, idx, raw))
-                    if self._fp32:
-                        old = raw
-                        new = apply_mask(old, m, value)
-                        ints.index_copy_(0, idx, new)
-                        oldv, newv = old.view(torch.float32), new.view(torch.float32)
-                    else:
-                        oldv = raw.view(buf.dtype).float()
-                        scale = self._elem_scale(w)
-                        scale = None if scale is None else scale.to(dev)
-                        enc = self.format.encode(oldv, scale)
-                        old = enc.qdata
-                        new = apply_mask(old, m, value)
-                        newv = self.format.decode(enc.replace(qdata=new))
-                        buf.index_copy_(0, idx, newv.to(buf.dtype))
-                    olds.append(old)
-                    news.append(new)
-                    oldvs.append(oldv)
-                    newvs.append(newv)
-            cat = (lambda xs: torch.cat([x.cpu() for x in xs])) if len(olds) != 1 else (lambda xs: xs[0])
-            if not olds:
-                z = torch.empty(0, dtype=torch.int64)
-                return self.space.make_log(elem, bit, inv, z, z, z.float(), z.float(), value)
-            return self.space.make_log(elem, bit, inv, cat(olds), cat(news), cat(oldvs), cat(newvs), value)
+            got = self._write(words, values)
         except BaseException:
             self.undo()
             raise
+        if got is None:
+            z = torch.empty(0, dtype=torch.int64)
+            return self.space.make_log(elem, bit, inv, z, z, z.float(), z.float(), value)
+        return self.space.make_log(elem, bit, inv, *got, value)
 
     def _elem_scale(self, words: Tensor) -> Tensor | None:
         """The clean scale of each global element in ``words`` (O(len(words)))."""
@@ -626,43 +639,22 @@ class WeightSession:
             zp = torch.where(is_hit, new_zp.index_select(0, torch.from_numpy(j)), clean.zero_point)
             faulty = faulty.replace(zero_point=zp)
         elems_t = torch.from_numpy(elems)
-        single = len(self._segments) == 1
-        bounds = [0, elems.size] if single else np.searchsorted(elems, self._seg_starts.numpy()).tolist() + [
-            elems.size]
-        olds, news, oldvs, newvs = [], [], [], []
-        undo: list[tuple[Tensor, Tensor, Tensor]] = []
-        self._pending = undo
-        try:
-            with torch.no_grad():
-                for k, (start, buf) in enumerate(self._segments):
-                    a, b = bounds[k], bounds[k + 1]
-                    if a == b:
-                        continue
-                    dev = buf.device
-                    whole = a == 0 and b == elems.size
-                    w = elems_t if whole else elems_t[a:b]
-                    idx_d = (w - start if start else w).to(dev)
-                    ints = buf.view(_INT_VIEW[buf.dtype])
-                    raw = ints.index_select(0, idx_d)
-                    undo.append((ints, idx_d, raw))
-                    oldv = raw.view(buf.dtype).float()
-                    qf = faulty if whole and dev.type == "cpu" else _slice_qp(faulty, slice(a, b), dev)
-                    old = self._code_segs[k].index_select(0, idx_d).to(torch.int32)
-                    if fmt.bits > 8:  # int16 storage of unsigned patterns
-                        old &= self.space.code_mask
-                    new = apply_mask(old, (emask if whole else emask[a:b]).to(dev), value)
-                    newv = fmt.decode_elements(new, qf)
-                    buf.index_copy_(0, idx_d, newv.to(buf.dtype))
-                    olds.append(old)
-                    news.append(new)
-                    oldvs.append(oldv)
-                    newvs.append(newv)
-            def cat(xs: list[Tensor]) -> Tensor:
-                return xs[0].cpu() if len(xs) == 1 else torch.cat([x.cpu() for x in xs])
+        n = elems.size
 
+        def values(k: int, a: int, b: int, idx: Tensor, raw: Tensor) -> tuple[Tensor, ...]:
+            whole, dev = b - a == n, idx.device
+            qf = faulty if whole and dev.type == "cpu" else _slice_qp(faulty, slice(a, b), dev)
+            old = self._code_segs[k].index_select(0, idx).to(torch.int32)
+            if fmt.bits > 8:  # int16 storage of unsigned patterns
+                old &= self.space.code_mask
+            new = apply_mask(old, (emask if whole else emask[a:b]).to(dev), value)
+            return old, new, raw.view(self._segments[k][1].dtype).float(), fmt.decode_elements(new, qf)
+
+        try:
+            got = self._write(elems_t, values)
             rows = {}
             if ce.numel():
-                old_all, new_all, oldv_all, newv_all = (cat(xs) for xs in (olds, news, oldvs, newvs))
+                old_all, new_all, oldv_all, newv_all = (x.cpu() for x in got)
                 if cpos is not None:
                     cp = torch.from_numpy(cpos)
                     old_all, new_all, oldv_all, newv_all = (
