@@ -753,9 +753,13 @@ def run_campaign(
     shortcut: bool = True,
     plots: bool = True,
     executor: Any = None,
+    manifest_extra: dict[str, Any] | None = None,
 ) -> CampaignResult:
     """Run (or resume) a campaign and write ``detail.csv``, ``summary.csv``, the per-bit /
     per-format tables, ``manifest.json`` and plots under ``cfg.out``.
+
+    ``manifest_extra`` adds top-level keys to ``manifest.json`` (``qfi layers`` records its
+    groups there, so ``qfi run <out>/manifest.json`` can write the layer map again).
 
     ``model`` / ``dataset`` override ``cfg.model`` / ``cfg.data`` (for the Python API);
     ``shortcut=False`` evaluates zero-flip trials instead of answering them from the clean result.
@@ -772,6 +776,7 @@ def run_campaign(
     _check_out_folder(out, fresh)
     device = resolve_device(cfg.device)
     model, evaluator, calib, meta = _prepare(cfg, model, dataset, device)
+    meta["extra"] = dict(manifest_extra or {})
     trials = plan(cfg)
     keyed = {t.key(cfg.target): t for t in trials}  # plan order
     _check_names(cfg, model)  # a name filter matching nothing fails before anything is written
@@ -960,6 +965,7 @@ def _run_locked(
         "trials": len(keyed),
         "versions": _versions(),
         "device": meta["device"],
+        **meta["extra"],
     }
     if not manifest_path.exists():
         state.wrote.append(manifest_path)

@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault(
@@ -484,8 +485,27 @@ def _dispatch(a: argparse.Namespace) -> int:
         if a.allow_nonfinite:
             overrides["allow_nonfinite"] = True
         overrides.update(_executor_fields(a))
-        return _run(dataclasses.replace(cfg, **overrides), a)
+        cfg = dataclasses.replace(cfg, **overrides)
+        recorded = _layer_map_of(a.campaign)
+        if recorded is not None:  # a `qfi layers` folder: the map is written again too
+            return layers_cli.rerun(cfg, *recorded, a)
+        return _run(cfg, a)
     return cmd_main(a)
+
+
+def _layer_map_of(path: str) -> tuple[str, list] | None:
+    """The (rule, groups) a ``qfi layers`` run recorded in the manifest ``path``, else None."""
+    import json
+
+    from qfi.layers import recorded_groups
+
+    if not str(path).endswith(".json"):
+        return None
+    try:
+        manifest = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None  # CampaignConfig.from_yaml has already read it, or said why not
+    return recorded_groups(manifest) if isinstance(manifest, dict) else None
 
 
 def _os_error(e: OSError) -> str:

@@ -298,6 +298,7 @@ def layer_map(
     fresh: bool = False,
     progress: bool | None = False,
     plots: bool = True,
+    groups: Sequence[LayerGroup] | None = None,
 ) -> LayerMap:
     """Run one campaign of ``cfg`` (a :class:`~qfi.config.CampaignConfig`) whose name groups are
     the layers of its selection (``cfg.names`` merged into one selection, minus ``cfg.exclude``,
@@ -306,7 +307,9 @@ def layer_map(
     ``per_layer.png`` (:func:`plot_layer_map`) into ``cfg.out``.
 
     ``model`` / ``dataset`` default to ``cfg.model`` / ``cfg.data`` as in ``run_campaign``; the
-    table and the map show the primary value of ``cfg.metric``.
+    table and the map show the primary value of ``cfg.metric``.  ``groups`` (as an earlier map
+    recorded them in its ``manifest.json``: ``cfg.names`` are then their filters) skips the
+    grouping.  The groups and the rule are recorded in ``manifest.json`` under ``layer_map``.
     """
     from qfi import zoo
     from qfi.campaign import resolve_device, run_campaign
@@ -323,15 +326,17 @@ def layer_map(
             )
         device = next(model.parameters(), torch.empty(0)).device
         example = Evaluator(dataset, batch_size=1, device=device, limit=1, metric="cosine").inputs()[0]
-    groups = layer_groups(
-        model,
-        cfg.target,
-        rule,
-        _selection(cfg.names),
-        cfg.exclude or None,
-        bn_stats=cfg.bn_stats,
-        example=example,
-    )
+    if groups is None:
+        groups = layer_groups(
+            model,
+            cfg.target,
+            rule,
+            _selection(cfg.names),
+            cfg.exclude or None,
+            bn_stats=cfg.bn_stats,
+            example=example,
+        )
+    groups = list(groups)
     _warn_few_flips(cfg, groups)
     res = run_campaign(
         dataclasses.replace(cfg, names=tuple(g.filter for g in groups)),
@@ -340,6 +345,7 @@ def layer_map(
         fresh=fresh,
         progress=progress,
         plots=False,  # one per_bit panel per layer would be unreadable: per_layer.png instead
+        manifest_extra={"layer_map": {"rule": rule, "groups": [dataclasses.asdict(g) for g in groups]}},
     )
     metric, better = res.metric.primary, res.metric.higher_is_better
     table = per_layer_table(res.summary, groups, metric, higher_is_better=better)
@@ -348,6 +354,21 @@ def layer_map(
     if plots and not table.empty:
         files.append(plot_layer_map(table, out / "per_layer.png", metric, higher_is_better=better))
     return LayerMap(groups, table, res, files)
+
+
+def recorded_groups(manifest: dict[str, Any]) -> tuple[str, list[LayerGroup]] | None:
+    """The rule and groups a layer map recorded in its ``manifest.json``, or None for another
+    campaign's manifest."""
+    lm = manifest.get("layer_map")
+    if not isinstance(lm, dict):
+        return None
+    try:
+        groups = [
+            LayerGroup(g["name"], g["filter"], tuple(g["members"]), g["numel"]) for g in lm["groups"]
+        ]
+        return str(lm["rule"]), groups
+    except (KeyError, TypeError) as e:
+        raise QfiError(f"manifest.json: a malformed layer_map entry ({e!r}); rerun qfi layers") from None
 
 
 def _warn_few_flips(cfg: Any, groups: list[LayerGroup]) -> None:

@@ -83,6 +83,30 @@ def cmd_layers(a: argparse.Namespace) -> int:
         progress=False if a.quiet else None,
         plots=not a.no_plots,
     )
+    report(res)
+    return 0
+
+
+def rerun(cfg: Any, rule: str, groups: list, a: argparse.Namespace) -> int:
+    """``qfi run <out>/manifest.json`` of a layer map: the same campaign (resumed), then
+    per_layer.csv / per_layer.png again, with the groups the manifest recorded."""
+    from qfi.layers import layer_map
+
+    print(f"== {cfg.out}: layer map, format {cfg.formats[0]}, rule {rule}, {len(groups)} layer groups")
+    res = layer_map(
+        cfg,
+        rule=rule,
+        groups=groups,
+        fresh=a.fresh,
+        progress=False if a.quiet else None,
+        plots=not getattr(a, "no_plots", False),
+    )
+    report(res)
+    return 0
+
+
+def report(res: Any) -> None:
+    """Print what a layer map ran and wrote, and the map itself."""
     c = res.campaign
     print(
         f"{len(res.groups)} layer groups, {c.trials_run} trials run, {c.trials_resumed} resumed, "
@@ -92,7 +116,6 @@ def cmd_layers(a: argparse.Namespace) -> int:
         print(f"golden fp32 {res.metric} {c.summary[f'golden_{res.metric}'].iloc[0]:.4f}")
     print_map(res.table, res.metric)
     print(f"per-layer table: {res.files[0]}" + (f", heatmap: {res.files[1]}" if len(res.files) > 1 else ""))
-    return 0
 
 
 def print_map(table: Any, metric: str = "top1") -> None:

@@ -368,6 +368,29 @@ def test_cli_layers_fitted_decades_and_module_rule(tmp_path, capsys, layers_pars
     assert t["layer"].nunique() == 6 and not (out / "per_layer.png").exists()
 
 
+def test_qfi_run_manifest_of_a_layer_map_writes_the_map_again(tmp_path, capsys):
+    """`qfi run <out>/manifest.json` of a `qfi layers` folder resumes every trial and writes
+    per_layer.csv again, from the groups the manifest recorded (not from a new grouping)."""
+    import json
+
+    from qfi.cli import main
+
+    out = tmp_path / "layers"
+    argv = ["layers", "--format", "int8", "--bits", "7", "--reps", "1", "--limit", "32", "--quiet"]
+    assert main([*argv, "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["layer_map"]["rule"] == "block" and len(manifest["layer_map"]["groups"]) == 8
+    want = pd.read_csv(out / "per_layer.csv")
+    (out / "per_layer.csv").unlink()
+    (out / "per_layer.png").unlink()
+    capsys.readouterr()
+    assert main(["run", str(out / "manifest.json"), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "0 trials run" in text and "8 layer groups" in text
+    pd.testing.assert_frame_equal(pd.read_csv(out / "per_layer.csv"), want)
+    assert (out / "per_layer.png").exists()
+
+
 def test_cli_layers_one_format(layers_parser):
     a = layers_parser.parse_args(["layers", "--format", "fp32,int8"])
     with pytest.raises(QfiError, match="maps one format"):
