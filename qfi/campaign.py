@@ -68,8 +68,13 @@ class Trial:
             str(self.rep),
         )
 
-    def fault_model(self) -> Any:
+    def fault_model(self, stuck_at: int | None = None) -> Any:
+        """BitFlip / FlipCount, or with ``stuck_at`` StuckAt(that value) at the same rate or count."""
         bits = None if self.bit < 0 else self.bit
+        if stuck_at is not None:
+            if self.fault == "ber":
+                return qfi.StuckAt(stuck_at, ber=self.ber, bits=bits)
+            return qfi.StuckAt(stuck_at, count=self.count, bits=bits)
         if self.fault == "ber":
             return qfi.BitFlip(ber=self.ber, bits=bits)
         return qfi.FlipCount(count=self.count, bits=bits)
@@ -493,7 +498,7 @@ def _run_trial(
     """Returns (result, flips, evaluated).  ``prefix`` (a recorded ``qfi.prefix.PrefixCache``)
     serves the fault-free start of the forward; if the forward spoils the cache (writes into a
     cached tensor), the cache turns itself off and the trial is rerun without it."""
-    fault = trial.fault_model()
+    fault = trial.fault_model(cfg.stuck_at)
     if shortcut and trial.certainly_clean:
         return clean, 0, False
     if cfg.policy != "trial":  # a new draw per batch (or per inference: batches of one)

@@ -192,6 +192,12 @@ def _run_flags(g: Any, *, device: bool, batch: bool = True) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bar (shown on terminals only)")
 
 
+def _stuck_value(v: str) -> int:
+    if v.strip() not in ("0", "1"):
+        raise argparse.ArgumentTypeError(f"{v!r}: allowed are 0 and 1")
+    return int(v)
+
+
 def _faults(p: argparse.ArgumentParser, ber: str, bits: str) -> None:
     p.add_argument(
         "--ber",
@@ -218,6 +224,13 @@ def _faults(p: argparse.ArgumentParser, ber: str, bits: str) -> None:
         default="trial",
         help="when a fault is drawn: trial (once per trial; default), batch (per evaluation batch), "
         "inference (per inference: needs --batch-size 1)",
+    )
+    p.add_argument(
+        "--stuck-at",
+        type=_stuck_value,
+        default=None,
+        metavar="0|1",
+        help="stuck-at faults: the drawn sites read 0 (or 1) instead of flipping (default: bit flips)",
     )
     p.add_argument(
         "--part",
@@ -333,6 +346,7 @@ def _config(a: argparse.Namespace, formats: str) -> Any:
         bits=a.bits,
         part=a.part,
         policy=a.policy,
+        stuck_at=a.stuck_at,
         names=tuple(a.names) if a.names else ("",),
         exclude=a.exclude,
         reps=a.reps,

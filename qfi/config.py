@@ -161,6 +161,9 @@ class CampaignConfig:
     ``batch`` (a new draw for every evaluation batch, seeded by ``batch_seed(trial seed, batch)``
     so each can be replayed alone) or ``inference`` (the same with batches of one sample: one
     fault draw per inference, the transient single-event-upset model).
+    ``stuck_at`` (0 or 1) makes every condition's sites stuck at that value instead of flipped
+    (``qfi.StuckAt`` with the condition's BER or count and bits): a site that already holds the
+    value changes nothing, so ``flips`` counts the bits that changed.
     ``bn_stats`` adds the running statistics of BatchNorm layers to the selectable weights (left
     out by default: quantized hardware folds them into the convolutions; see ``qfi.qerror``).
     ``output_key`` chooses which floating tensor of a module output carries the faults (a key of a
@@ -224,6 +227,7 @@ class CampaignConfig:
     address: str | None = None
     threads: int = 1
     policy: str = "trial"
+    stuck_at: int | None = None
     prefix_reuse: bool = False
     cache_mb: int | None = None
     out: str = "qfi-results"
@@ -362,6 +366,8 @@ class CampaignConfig:
                 raise QfiError(f"cache_mb {self.cache_mb} must be >= 0 (MiB of cached activations)")
             if not self.prefix_reuse:
                 raise QfiError("cache_mb applies with prefix_reuse (add --prefix-reuse)")
+        if self.stuck_at is not None and (isinstance(self.stuck_at, bool) or self.stuck_at not in (0, 1)):
+            raise QfiError(f"stuck_at {self.stuck_at!r}: allowed are 0, 1 (or null: bit flips)")
         if self.policy not in POLICIES:
             raise QfiError(f"unknown policy {self.policy!r}; allowed: {', '.join(POLICIES)}")
         if self.policy == "inference" and self.batch_size != 1:

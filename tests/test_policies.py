@@ -75,3 +75,37 @@ def test_policy_is_recorded_and_part_of_the_identity(tmp_path, model):
         run_campaign(dataclasses.replace(cfg, policy="trial"), model=model, progress=False, plots=False)
     with pytest.raises(QfiError, match="unknown policy 'epoch'"):
         CampaignConfig(policy="epoch")
+
+
+def test_stuck_at_campaign_counts_changed_bits_and_replays(tmp_path, model):
+    """stuck_at=1: each trial is StuckAt(1, count=n, bits=b) with the trial's seed (its `flips` are
+    the bits that changed, as a manual session gives them); stuck_at=0 on fp32 bit 30 changes no
+    weight below 2 in magnitude, so every trial is clean; bad values are refused."""
+    cfg = _cfg(tmp_path, "s1", formats=("fp32",), flips=(20,), bits="30", stuck_at=1)
+    res = run_campaign(cfg, model=model, progress=False, plots=False)
+    for t, flips in zip(plan(cfg), res.detail["flips"], strict=True):
+        with qfi.weights(model, "fp32") as s, s.inject(qfi.StuckAt(1, count=20, bits=30), seed=t.seed) as log:
+            assert log.flips == flips and 0 < flips <= 20
+    assert (res.detail["top1"] < res.summary["clean_top1"].iloc[0]).all()
+    zero = run_campaign(dataclasses.replace(cfg, stuck_at=0, out=str(tmp_path / "s0")), model=model,
+                        progress=False, plots=False)
+    clean = zero.summary["clean_top1"].iloc[0]
+    assert (zero.detail["flips"] == 0).all() and (zero.detail["top1"] == clean).all()
+    manifest = json.loads((tmp_path / "s1" / "manifest.json").read_text())
+    assert manifest["config"]["stuck_at"] == 1
+    for bad in (2, True, "1"):
+        with pytest.raises(QfiError, match="stuck_at .*allowed are 0, 1"):
+            CampaignConfig(stuck_at=bad)
+
+
+def test_cli_stuck_at_flag(tmp_path, capsys):
+    """`--stuck-at 1` reaches the config (manifest); `--stuck-at 2` is refused by the parser."""
+    from qfi.cli import main
+
+    out = tmp_path / "c"
+    argv = ["ber", "--ber", "1e-4", "--reps", "1", "--limit", "32", "--quiet", "--no-plots"]
+    assert main([*argv, "--stuck-at", "1", "--out", str(out)]) == 0
+    assert json.loads((out / "manifest.json").read_text())["config"]["stuck_at"] == 1
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--stuck-at", "2", "--out", str(tmp_path / "d")])
+    assert e.value.code == 2 and "allowed are 0 and 1" in capsys.readouterr().err
