@@ -271,7 +271,7 @@ def bench_conv(plan: Plan) -> None:
 
 
 def dense_model(plan: Plan) -> tuple[str, nn.Module, dict[str, Tensor] | Tensor]:
-    """The real 22.7M-parameter text transformer (all-MiniLM-L6-v2, 47 sentences) when the
+    """The real 22.6M-weight text transformer (all-MiniLM-L6-v2, 47 sentences) when the
     ``minilm`` extra is installed, else (and for --smoke) the plan's ViT on a batch of 8."""
     if plan.label.startswith("ViT-B"):
         try:

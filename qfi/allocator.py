@@ -4,7 +4,7 @@ glibc serves every allocation above its mmap threshold (at most 32 MiB, however 
 a fresh ``mmap`` and gives it back with ``munmap`` when freed, so each forward pass that makes a
 feature map or a convolution workspace that large touches brand-new pages: one page fault per
 4 KiB, every time.  On the 2-core machine this was measured on, a 9-convolution CNN at batch 64
-and 64x64 (32 MiB per feature map) ran its forward in 0.47 s with glibc's defaults and in 0.15 s
+and 64x64 (32 MiB per feature map) ran its forward in ~0.46 s with glibc's defaults and in ~0.15 s
 once freed memory stays in the heap (``benchmarks/bench_inject.py --only conv`` prints both).
 
 ``keep_freed_memory()`` raises the mmap threshold and the trim threshold (``mallopt``), so
@@ -12,7 +12,9 @@ blocks up to ``limit_mb`` come from the heap and freed ones are reused.  The cos
 process keeps its peak heap instead of returning it to the system: right for a campaign, which
 repeats the same forward thousands of times, and the reason the library never does this on
 import.  The ``qfi`` CLI and qfi's Ray workers call it; ``QFI_MALLOC=system`` turns it off.
-Elsewhere than glibc (macOS, Windows, musl) it does nothing and returns False.
+Elsewhere than glibc (macOS, Windows, musl) it does nothing and returns False.  It covers the
+main thread's heap, where the CLI and Ray actors run the model: glibc's per-thread arenas are
+capped at 64 MiB, so a thread other than the main one still maps larger blocks afresh.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from qfi import outputs
 from qfi.config import CampaignConfig, parse_bits
 from qfi.errors import Interrupted, NonFiniteBaseline, OutputFolderBusy, QfiError
 from qfi.evaluate import EvalResult, Evaluator
+from qfi.faults import DENSE_FLIPS, SAMPLER_VERSION
 from qfi.results import detail_columns, metric_columns_of, summarize, write_tables
 from quant_schemes import get_format, part_bit_names, part_bits
 
@@ -326,6 +327,10 @@ _OUTPUTS = (
 #: manifest belongs to someone else and is never overwritten
 _OURS = ("manifest.json", "detail.csv", *_OUTPUTS)
 LOCK_NAME = ".qfi.lock"
+#: the keys of manifest.json that qfi writes itself (``run_campaign(manifest_extra=)`` adds others)
+_MANIFEST_KEYS = (
+    "config", "model", "model_hash", "data", "calibration", "trials", "versions", "device", "sampler",
+)
 
 
 class _FolderLock:
@@ -782,6 +787,9 @@ def run_campaign(
     device = resolve_device(cfg.device)
     model, evaluator, calib, meta = _prepare(cfg, model, dataset, device)
     meta["extra"] = dict(manifest_extra or {})
+    reserved = set(meta["extra"]) & set(_MANIFEST_KEYS)
+    if reserved:
+        raise QfiError(f"manifest_extra may not set {sorted(reserved)}: qfi writes those keys itself")
     trials = plan(cfg)
     keyed = {t.key(cfg.target): t for t in trials}  # plan order
     _check_names(cfg, model)  # a name filter matching nothing fails before anything is written
@@ -941,6 +949,14 @@ def _run_locked(
         seeds = {k: str(t.seed) for k, t in keyed.items()}
         if any(k in seeds and r["seed"] != seeds[k] for k, r in done.items()):
             raise QfiError(f"{detail_path} holds trials with other seeds; use another --out or --fresh")
+        sampler = (old or {}).get("sampler", 1)
+        if done and sampler != SAMPLER_VERSION:
+            log.warning(
+                "%s: its %d finished trials were drawn by site sampler %s, new ones by %s: BER trials "
+                "of %d or more expected flips draw other sites for the same seed (the same law; such "
+                "rows are not replayable from their seeds here)", out, len(done), sampler, SAMPLER_VERSION,
+                DENSE_FLIPS,
+            )
     done = {k: r for k, r in done.items() if k in keyed}
     state.rows = len(done)
     todo = [t for k, t in keyed.items() if k not in done]
@@ -970,6 +986,7 @@ def _run_locked(
         "trials": len(keyed),
         "versions": _versions(),
         "device": meta["device"],
+        "sampler": SAMPLER_VERSION,
         **meta["extra"],
     }
     if not manifest_path.exists():

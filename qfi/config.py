@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -366,8 +367,11 @@ class CampaignConfig:
                 raise QfiError(f"cache_mb {self.cache_mb} must be >= 0 (MiB of cached activations)")
             if not self.prefix_reuse:
                 raise QfiError("cache_mb applies with prefix_reuse (add --prefix-reuse)")
-        if self.stuck_at is not None and (isinstance(self.stuck_at, bool) or self.stuck_at not in (0, 1)):
-            raise QfiError(f"stuck_at {self.stuck_at!r}: allowed are 0, 1 (or null: bit flips)")
+        if self.stuck_at is not None:
+            v = self.stuck_at
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or int(v) not in (0, 1):
+                raise QfiError(f"stuck_at {v!r}: allowed are 0, 1 (or null: bit flips)")
+            set_("stuck_at", int(v))
         if self.policy not in POLICIES:
             raise QfiError(f"unknown policy {self.policy!r}; allowed: {', '.join(POLICIES)}")
         if self.policy == "inference" and self.batch_size != 1:

@@ -261,13 +261,18 @@ def sample_distinct(n: int, k: int, generator: torch.Generator) -> Tensor:
         s = merge_sorted(s, sort_ints(extra))
 
 
+#: version of the site sampler: a seed gives the same sites within a version.  2: dense BER
+#: sites from numpy PCG64 exponentials (1: torch uniforms).  Recorded in a campaign's manifest,
+#: which warns when it resumes rows drawn by another version
+SAMPLER_VERSION = 2
+
 #: expected flips from which a BER fault draws its sites as a Bernoulli process (below: a
 #: binomial count, then that many distinct sites); both give every site probability ber,
 #: independently: the threshold depends only on (sites, ber), so a seed gives the same sites
 DENSE_FLIPS = 1 << 16
 
 
-def sample_bernoulli(n: int, p: float, generator: torch.Generator) -> Tensor:
+def sample_bernoulli(n: int, p: float, generator: torch.Generator, *, chunk: int | None = None) -> Tensor:
     """Every integer in ``[0, n)`` independently with probability ``p``, sorted, in O(n p): the
     gaps between successive hits of a Bernoulli process are geometric, ``1 + floor(E / -log(1 -
     p))`` for a standard exponential ``E``, so their cumulative sums are the hits, sorted and
@@ -276,12 +281,15 @@ def sample_bernoulli(n: int, p: float, generator: torch.Generator) -> Tensor:
     The exponentials come from numpy's ziggurat on a PCG64 stream seeded by one draw of
     ``generator`` (the same seed gives the same sites): at a few million flips that stream, the
     exponential and numpy's int64 ``cumsum`` are each several times faster than torch's CPU
-    ``rand``, ``log1p`` and ``cumsum``, and the sampling is the bulk of a dense trial."""
+    ``rand``, ``log1p`` and ``cumsum``, and the sampling is the bulk of a dense trial.
+
+    Gaps are drawn in chunks, the first one (``chunk``; default: the mean number of hits plus six
+    standard deviations) almost always enough; the rest of ``[0, n)`` continues the same process."""
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, dtype=torch.int64))
     rng = np.random.Generator(np.random.PCG64(seed))
     inv_rate = -1.0 / math.log1p(-p)  # E * inv_rate: the failures before the next hit
     mean = n * p
-    m = int(mean + 6 * math.sqrt(mean * (1 - p)) + 16)
+    m = int(mean + 6 * math.sqrt(mean * (1 - p)) + 16) if chunk is None else chunk
     parts, last = [], -1
     while True:
         e = rng.standard_exponential(m)
@@ -294,7 +302,7 @@ def sample_bernoulli(n: int, p: float, generator: torch.Generator) -> Tensor:
             break
         parts.append(hits)
         last = int(hits[-1])
-        m = int((n - last) * p + 6 * math.sqrt((n - last) * p + 1) + 16)
+        m = int((n - last) * p + 6 * math.sqrt((n - last) * p + 1) + 16) if chunk is None else chunk
     return torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else parts[0])
 
 
@@ -413,6 +421,7 @@ def apply_mask(codes: Tensor, mask: Tensor, value: int | None) -> Tensor:
 
 
 __all__ = [
-    "BitFlip", "FlipCount", "FlipSites", "StuckAt", "Fault", "parse_bits", "resolve_bits", "make_generator",
+    "BitFlip", "FlipCount", "FlipSites", "StuckAt", "Fault", "SAMPLER_VERSION", "parse_bits", "resolve_bits",
+    "make_generator",
     "draw_binomial", "sample_distinct", "sample_sites", "word_masks", "to_int32", "odd_sites", "apply_mask",
 ]

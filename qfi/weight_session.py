@@ -442,13 +442,13 @@ class WeightSession:
 
         try:
             got = self._write(words, values)
+            if got is None:
+                z = torch.empty(0, dtype=torch.int64)
+                return self.space.make_log(elem, bit, inv, z, z, z.float(), z.float(), value)
+            return self.space.make_log(elem, bit, inv, *got, value)
         except BaseException:
             self.undo()
             raise
-        if got is None:
-            z = torch.empty(0, dtype=torch.int64)
-            return self.space.make_log(elem, bit, inv, z, z, z.float(), z.float(), value)
-        return self.space.make_log(elem, bit, inv, *got, value)
 
     def _elem_scale(self, words: Tensor) -> Tensor | None:
         """The clean scale of each global element in ``words`` (O(len(words)))."""

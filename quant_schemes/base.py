@@ -131,9 +131,10 @@ CHUNK = 1 << 21
 
 def in_pieces(x: Tensor, fn: Callable[[Tensor], object]) -> Tensor:
     """Run the in-place elementwise ``fn`` over ``x`` piece by piece (a contiguous CPU tensor of
-    more than two pieces), else over ``x`` whole; returns ``x``.  Elementwise ops give the same
-    values either way: only the memory traffic changes."""
-    if x.device.type != "cpu" or x.numel() <= 2 * CHUNK or not x.is_contiguous():
+    more than two pieces that autograd does not track), else over ``x`` whole; returns ``x``.
+    Elementwise ops give the same values either way: only the memory traffic changes."""
+    whole = x.device.type != "cpu" or x.numel() <= 2 * CHUNK or not x.is_contiguous()
+    if whole or (x.requires_grad and torch.is_grad_enabled()):
         fn(x)
         return x
     for piece in x.view(-1).split(CHUNK):

@@ -174,8 +174,8 @@ class IntSymmetric:
         s = self._check_scale(scale, x)
         r = torch.reciprocal(s)
         if out is x and x.dtype == torch.float32 and s.numel() == 1:  # in place, piece by piece
-            lo, hi = -self.qmax, self.qmax
-            return in_pieces(x, lambda piece: piece.mul_(r).round_().clamp_(lo, hi).mul_(s))
+            lo, hi, r0, s0 = -self.qmax, self.qmax, r.reshape(()), s.reshape(())  # 0-d: any piece shape
+            return in_pieces(x, lambda piece: piece.mul_(r0).round_().clamp_(lo, hi).mul_(s0))
         if out is not None and x.dtype == torch.float32:
             q = out.mul_(r) if out is x else torch.mul(x, r, out=out)
             q.round_()

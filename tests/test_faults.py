@@ -157,9 +157,11 @@ def test_integer_sites_of_numpy_and_torch_are_fine() -> None:
     assert f.sites == (("w", 3, 2), ("w", 4, 1)) and all(type(v) is int for s in f.sites for v in s[1:])
 
 
-def test_dense_bernoulli_sites_follow_the_law():
+@pytest.mark.parametrize("chunk", [None, 997])
+def test_dense_bernoulli_sites_follow_the_law(chunk):
     """Above DENSE_FLIPS expected flips, BER sites come from geometric gaps: sorted, distinct,
-    in range, a Binomial(n, p) count (mean and variance) and uniform positions (chi-square)."""
+    in range, a Binomial(n, p) count (mean and variance) and uniform positions (chi-square); also
+    when the gaps come in many small chunks (the continuation a 6-sigma first chunk rarely needs)."""
     import numpy as np
     from scipy import stats
 
@@ -170,7 +172,7 @@ def test_dense_bernoulli_sites_follow_the_law():
     g = torch.Generator().manual_seed(7)
     counts, hist = [], np.zeros(50)
     for _ in range(60):
-        s = sample_bernoulli(n, p, g)
+        s = sample_bernoulli(n, p, g, chunk=chunk)
         assert bool((s[1:] > s[:-1]).all()) and int(s[0]) >= 0 and int(s[-1]) < n
         counts.append(s.numel())
         hist += np.bincount((s.numpy() * 50) // n, minlength=50)

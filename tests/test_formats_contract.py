@@ -354,6 +354,28 @@ def test_quantize_in_place_piece_by_piece(fmt, monkeypatch):
     assert calls == ([x.numel()] if fmt.name in piecewise else [])
 
 
+def test_quantize_in_place_in_pieces_takes_any_one_element_scale(monkeypatch):
+    """A one-element scale of any shape ((1, 1, 1, 1): a per-channel scale of one channel, or a
+    per-tensor scale kept 4-D) works on the piecewise path; so does a tensor autograd tracks."""
+    import quant_schemes.base as base
+    from quant_schemes import get_format
+
+    monkeypatch.setattr(base, "CHUNK", 16)
+    x = sample((1, 3, 8, 8), seed=4)
+    for name in ("int8_per_channel", "int8"):
+        f = get_format(name)
+        scale = f.choose_qparams(x).reshape(1, 1, 1, 1)
+        want = f.quantize(x, scale)
+        y = x.clone()
+        assert torch.equal(f.quantize(y, scale, out=y), want)
+    f = get_format("fp16")
+    y = x.clone()
+    leaf = torch.ones_like(x, requires_grad=True)
+    z = leaf * x  # a non-leaf that requires grad: modified whole, as before
+    assert torch.equal(f.quantize(z, out=z).detach(), f.quantize(x))
+    assert torch.equal(f.quantize(y, out=y), f.quantize(x))
+
+
 def test_int_tensor_rejected(fmt):
     """A non-float tensor raises FormatError naming its dtype and is left unchanged."""
     x = torch.arange(6, dtype=torch.int32)

@@ -419,6 +419,26 @@ def test_interrupt_mid_apply_restores_bit_exact(model: nn.Module, fmt: str, monk
             assert log.flips == 3
 
 
+@pytest.mark.parametrize("fmt", ["fp32", "int8", "mxfp4"])
+def test_interrupt_while_the_log_is_made_restores_bit_exact(model: nn.Module, fmt: str, monkeypatch) -> None:
+    """A KeyboardInterrupt after every word was written, while the FaultLog is being made, also
+    restores them before propagating (no fault left applied, the session usable)."""
+    with qfi.weights(model, fmt) as w:
+        clean = bits_of(model)
+
+        def interrupted(*_a, **_k):
+            raise KeyboardInterrupt
+
+        for attr in ("make_log", "make_parts_log"):
+            monkeypatch.setattr(w.space, attr, interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            w.apply(qfi.BitFlip(ber=1e-2), seed=0)
+        monkeypatch.undo()
+        assert w._pending is None and same_bits(bits_of(model), clean)
+        with w.inject(qfi.FlipCount(3), seed=1) as log:
+            assert log.flips == 3
+
+
 def test_nested_sessions_on_the_same_tensors_raise(model: nn.Module) -> None:
     """A second weight session on tensors of an entered one raises QfiError (it would detach the
     first); disjoint selections may nest; everything restores bit-exact."""

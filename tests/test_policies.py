@@ -81,21 +81,27 @@ def test_stuck_at_campaign_counts_changed_bits_and_replays(tmp_path, model):
     """stuck_at=1: each trial is StuckAt(1, count=n, bits=b) with the trial's seed (its `flips` are
     the bits that changed, as a manual session gives them); stuck_at=0 on fp32 bit 30 changes no
     weight below 2 in magnitude, so every trial is clean; bad values are refused."""
-    cfg = _cfg(tmp_path, "s1", formats=("fp32",), flips=(20,), bits="30", stuck_at=1)
+    cfg = _cfg(tmp_path, "s1", formats=("fp32",), flips=(20,), bits="23", stuck_at=1)
     res = run_campaign(cfg, model=model, progress=False, plots=False)
     for t, flips in zip(plan(cfg), res.detail["flips"], strict=True):
-        with qfi.weights(model, "fp32") as s, s.inject(qfi.StuckAt(1, count=20, bits=30), seed=t.seed) as log:
-            assert log.flips == flips and 0 < flips <= 20
+        with qfi.weights(model, "fp32") as s, s.inject(qfi.StuckAt(1, count=20, bits=23), seed=t.seed) as log:
+            assert log.flips == flips and 0 < flips < 20  # the exponent LSB is 1 in about half the weights
+    cfg30 = dataclasses.replace(cfg, bits="30", out=str(tmp_path / "s30"))
+    res = run_campaign(cfg30, model=model, progress=False, plots=False)
+    assert (res.detail["flips"] == 20).all()  # bit 30 is 0 in every weight below 2 in magnitude
     assert (res.detail["top1"] < res.summary["clean_top1"].iloc[0]).all()
-    zero = run_campaign(dataclasses.replace(cfg, stuck_at=0, out=str(tmp_path / "s0")), model=model,
+    zero = run_campaign(dataclasses.replace(cfg30, stuck_at=0, out=str(tmp_path / "s0")), model=model,
                         progress=False, plots=False)
     clean = zero.summary["clean_top1"].iloc[0]
     assert (zero.detail["flips"] == 0).all() and (zero.detail["top1"] == clean).all()
     manifest = json.loads((tmp_path / "s1" / "manifest.json").read_text())
     assert manifest["config"]["stuck_at"] == 1
-    for bad in (2, True, "1"):
+    for bad in (2, True, "1", 1.0):
         with pytest.raises(QfiError, match="stuck_at .*allowed are 0, 1"):
             CampaignConfig(stuck_at=bad)
+    import numpy as np
+
+    assert type(CampaignConfig(stuck_at=np.int64(1)).stuck_at) is int
 
 
 def test_cli_stuck_at_flag(tmp_path, capsys):
@@ -109,3 +115,20 @@ def test_cli_stuck_at_flag(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([*argv, "--stuck-at", "2", "--out", str(tmp_path / "d")])
     assert e.value.code == 2 and "allowed are 0 and 1" in capsys.readouterr().err
+
+
+def test_manifest_records_the_sampler_and_warns_on_another(tmp_path, model, caplog):
+    """manifest.json records the site sampler's version; resuming rows of another version warns
+    (the same law, other sites for the same seed when dense); manifest_extra cannot set qfi's keys."""
+    cfg = _cfg(tmp_path, "v", reps=1)
+    run_campaign(cfg, model=model, progress=False, plots=False)
+    path = tmp_path / "v" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert manifest["sampler"] == 2
+    del manifest["sampler"]  # a folder written before the version was recorded: version 1
+    path.write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING", logger="qfi"):
+        run_campaign(cfg, model=model, progress=False, plots=False)
+    assert "drawn by site sampler 1, new ones by 2" in caplog.text
+    with pytest.raises(QfiError, match=r"manifest_extra may not set \['model_hash'\]"):
+        run_campaign(cfg, model=model, progress=False, plots=False, manifest_extra={"model_hash": "x"})
