@@ -246,7 +246,8 @@ class RayExecutor:
     def _run(self, ray: Any, ctx: Any, groups: list, emit: Callable, gpu: bool) -> int:
         t_run = time.perf_counter()
         self.busy_seconds = 0.0
-        # clean baselines once, on the driver
+        # clean baselines once, on the driver, which runs no trial: no prefix cache to record
+        ctx.prefix = False
         cleans = self._cleans
         for (fmt_name, names), _trials in groups:
             if (fmt_name, names) in cleans:

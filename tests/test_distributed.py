@@ -100,6 +100,28 @@ def test_same_rows_local_and_ray_with_one_or_two_workers(cluster, tmp_path):
     assert (local.detail["flips"] > 0).any()
 
 
+def test_prefix_reuse_on_ray_records_no_cache_on_the_driver(cluster, tmp_path, monkeypatch):
+    """With --prefix-reuse the workers record and use their caches (the same rows as without);
+    the driver, which runs no trial, records none."""
+    from qfi.campaign import TrialContext
+
+    recorded = []
+    real = TrialContext._new_prefix_cache
+
+    def counted(self, session, names):
+        recorded.append(names)
+        return real(self, session, names)
+
+    monkeypatch.setattr(TrialContext, "_new_prefix_cache", counted)
+    model = zoo.load_model("vit_digits")
+    kw = dict(executor="ray", workers=1, names=("heads",), reps=2)
+    plain = run_campaign(_cfg(tmp_path, "plain", **kw), model=model, progress=False, plots=False)
+    reuse = run_campaign(_cfg(tmp_path, "reuse", prefix_reuse=True, **kw), model=model, progress=False,
+                         plots=False)
+    assert _detail(tmp_path / "plain") == _detail(tmp_path / "reuse")
+    assert recorded == [] and plain.evaluations == reuse.evaluations
+
+
 def test_a_killed_worker_costs_only_its_chunk(cluster, tmp_path):
     """SIGKILL one worker's process after the first finished chunk: its unfinished chunk is
     retried on a replacement and the rows equal an undisturbed run's."""
