@@ -50,8 +50,10 @@ def keep_freed_memory(limit_mb: int = 1024) -> bool:
 
 def _glibc():
     try:
-        name = ctypes.util.find_library("c") or "libc.so.6"
-        libc = ctypes.CDLL(name)
+        try:
+            libc = ctypes.CDLL("libc.so.6")  # glibc's soname: no ldconfig / compiler lookup at start-up
+        except OSError:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.gnu_get_libc_version  # noqa: B018 (only glibc has it)
         libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         libc.mallopt.restype = ctypes.c_int
