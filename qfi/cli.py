@@ -389,16 +389,25 @@ def _run(cfg: Any, a: argparse.Namespace) -> int:
 
 def _report(res: Any) -> None:
     s = res.summary
-    print(
-        f"{res.trials_run} trials run, {res.trials_resumed} resumed, {res.evaluations} evaluations, "
-        f"{res.seconds:.1f} s -> {res.out}/"
-    )
+    print(ran_line(res))
     if not s.empty:
         p = res.metric.primary if res.metric is not None else "top1"
-        print(f"golden fp32 {p} {s.iloc[0][f'golden_{p}']:.4f}")
+        print(golden_line(s, p))
         cols = ["format", "names", "fault", "ber", "count", "bit", "bit_name", "trials", "flips_mean"]
         cols += [f"{p}_mean", f"{p}_ci_low", f"{p}_ci_high", "sdc_mean", "due_mean", f"clean_{p}"]
         with_pd_opts(lambda: print(s[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}")))
+
+
+def ran_line(res: Any) -> str:
+    """What a campaign ran: trials run and resumed, evaluations, seconds, the folder."""
+    return (
+        f"{res.trials_run} trials run, {res.trials_resumed} resumed, {res.evaluations} evaluations, "
+        f"{res.seconds:.1f} s -> {res.out}/"
+    )
+
+
+def golden_line(summary: Any, metric: str) -> str:
+    return f"golden fp32 {metric} {summary.iloc[0][f'golden_{metric}']:.4f}"
 
 
 def with_pd_opts(fn: Any) -> None:

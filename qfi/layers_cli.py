@@ -107,13 +107,12 @@ def rerun(cfg: Any, rule: str, groups: list, a: argparse.Namespace) -> int:
 
 def report(res: Any) -> None:
     """Print what a layer map ran and wrote, and the map itself."""
+    from qfi.cli import golden_line, ran_line
+
     c = res.campaign
-    print(
-        f"{len(res.groups)} layer groups, {c.trials_run} trials run, {c.trials_resumed} resumed, "
-        f"{c.evaluations} evaluations, {c.seconds:.1f} s -> {c.out}/"
-    )
+    print(f"{len(res.groups)} layer groups, {ran_line(c)}")
     if not c.summary.empty:
-        print(f"golden fp32 {res.metric} {c.summary[f'golden_{res.metric}'].iloc[0]:.4f}")
+        print(golden_line(c.summary, res.metric))
     print_map(res.table, res.metric)
     print(f"per-layer table: {res.files[0]}" + (f", heatmap: {res.files[1]}" if len(res.files) > 1 else ""))
 

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from quant_schemes._bits import field_names, pack_signed, roles_of, signed_codes
 from quant_schemes._scaled import StoredScales, reduce_groups
-from quant_schemes.base import Encoded, FormatError, QParams, check_float_tensor
+from quant_schemes.base import Encoded, FormatError, QParams, check_float_tensor, finite_float32
 from quant_schemes.floats import BF16, FP16, FP32, FloatFormat
 from quant_schemes.granularity import Granularity, PerChannel, PerGroup, PerTensor
 
@@ -116,14 +116,7 @@ class IntAffine(StoredScales):
 
     # -- parameters -------------------------------------------------------------------------------
     def _finite_float32(self, x: object) -> Tensor:
-        x32 = check_float_tensor(x, self.name).to(torch.float32)
-        if not bool(torch.isfinite(x32).all()):
-            n_nan, n_inf = int(torch.isnan(x32).sum()), int(torch.isinf(x32).sum())
-            raise FormatError(
-                f"{self.name}: cannot encode {n_nan} NaN and {n_inf} inf value(s); "
-                "integer formats have no code for NaN or infinity"
-            )
-        return x32
+        return finite_float32(x, self.name)
 
     def choose_qparams(self, x: Tensor, *, strict: bool = True) -> QParams:
         """Scale (and zero point) per group of the clean ``x``, as stored; see the module docstring.

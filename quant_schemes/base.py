@@ -154,6 +154,19 @@ def check_float_tensor(x: object, fmt_name: str) -> Tensor:
     return x
 
 
+def finite_float32(x: object, fmt_name: str) -> Tensor:
+    """``x`` as float32; FormatError (naming the NaN and inf counts) unless every value is finite:
+    integer formats have no code for NaN or infinity."""
+    x32 = check_float_tensor(x, fmt_name).to(torch.float32)
+    if not bool(torch.isfinite(x32).all()):
+        n_nan, n_inf = int(torch.isnan(x32).sum()), int(torch.isinf(x32).sum())
+        raise FormatError(
+            f"{fmt_name}: cannot encode {n_nan} NaN and {n_inf} inf value(s); "
+            "integer formats have no code for NaN or infinity"
+        )
+    return x32
+
+
 def gather_scale(
     scale: Tensor | None, shape: torch.Size | tuple[int, ...], flat_idx: Tensor
 ) -> Tensor | None:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from quant_schemes._bits import check_qdata, field_names, pack_signed, roles_of, signed_codes
-from quant_schemes.base import Encoded, FormatError, check_float_tensor, in_pieces
+from quant_schemes.base import Encoded, FormatError, check_float_tensor, finite_float32, in_pieces
 from quant_schemes.granularity import Granularity, PerChannel, PerGroup, PerTensor
 
 MIN_BITS, MAX_BITS = 2, 32
@@ -82,14 +82,7 @@ class IntSymmetric:
 
     # -- parameters --------------------------------------------------------------------------
     def _finite_float32(self, x: object) -> Tensor:
-        x32 = check_float_tensor(x, self.name).to(torch.float32)
-        if not bool(torch.isfinite(x32).all()):
-            n_nan, n_inf = int(torch.isnan(x32).sum()), int(torch.isinf(x32).sum())
-            raise FormatError(
-                f"{self.name}: cannot encode {n_nan} NaN and {n_inf} inf value(s); "
-                "integer formats have no code for NaN or infinity"
-            )
-        return x32
+        return finite_float32(x, self.name)
 
     def _amax(self, x32: Tensor) -> Tensor:
         g = self.granularity
